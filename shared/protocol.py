@@ -1,0 +1,136 @@
+"""Wire schemas shared by the teacher service and the student's client.
+
+Token ids go over the wire, never text: re-tokenizing on the other side is the
+most common source of silent misalignment in distillation setups.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+FORMAT_VERSION = 1
+"""Bumped whenever the binary frame layout changes incompatibly."""
+
+TOPK_MEDIA_TYPE = "application/vnd.gkd-topk+safetensors"
+"""Media type of the binary `/v1/topk_logprobs` answer (a safetensors byte frame)."""
+
+LogprobDtype = Literal["float16", "bfloat16", "float32"]
+
+
+class TopkRequest(BaseModel):
+    """Body of `POST /v1/topk_logprobs`: one request per micro-batch."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(
+        default=None,
+        description="Served model name; when given it must match the teacher's.",
+    )
+    sequences: list[list[int]] = Field(
+        min_length=1,
+        description="Token-id sequences, each at least 2 tokens long (1 token has no next-token row).",
+    )
+    top_k: int = Field(ge=1, description="Number of (id, logprob) pairs returned per row.")
+    first_rows: list[int] | None = Field(
+        default=None,
+        description=(
+            "Per sequence, the first row to compute (prompt length - 1 for completion-only "
+            "losses). Rows before it are neither computed nor sent. Default 0."
+        ),
+    )
+    logprobs_dtype: LogprobDtype = Field(default="float16", description="Dtype of `logprobs` in the frame.")
+    return_target_logprobs: bool = Field(
+        default=False, description="Add `target_logprobs`: log-prob of the actual next token per row."
+    )
+    return_tail_logmass: bool = Field(
+        default=False, description="Add `tail_logmass`: log of the probability mass outside the top-k per row."
+    )
+
+    @model_validator(mode="after")
+    def _check_shapes(self) -> TopkRequest:
+        for i, seq in enumerate(self.sequences):
+            if len(seq) < 2:
+                raise ValueError(f"sequences[{i}] has {len(seq)} token(s); at least 2 are needed")
+        if self.first_rows is not None:
+            if len(self.first_rows) != len(self.sequences):
+                raise ValueError(
+                    f"first_rows has {len(self.first_rows)} entries for {len(self.sequences)} sequences"
+                )
+            for i, (row, seq) in enumerate(zip(self.first_rows, self.sequences, strict=True)):
+                if not 0 <= row <= len(seq) - 2:
+                    raise ValueError(
+                        f"first_rows[{i}]={row} is outside [0, {len(seq) - 2}] for a sequence of {len(seq)} tokens"
+                    )
+        return self
+
+    def resolved_first_rows(self) -> list[int]:
+        return list(self.first_rows) if self.first_rows is not None else [0] * len(self.sequences)
+
+
+class RequestLimits(BaseModel):
+    max_top_k: int
+    max_sequences: int
+    max_tokens: int
+    max_body_bytes: int
+
+
+class TeacherInfo(BaseModel):
+    """Handshake: what a client must check before it trains against this teacher."""
+
+    model: str
+    vocab_size: int
+    tokenizer_fingerprint: str
+    max_top_k: int
+    limits: RequestLimits
+    logprob_mode: Literal["raw"] = Field(
+        default="raw", description="Log-probs are raw model log-probs at temperature 1."
+    )
+    format_version: int = FORMAT_VERSION
+    engine: str
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "gkd-teacher"
+    root: str | None = None
+    max_model_len: int | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: int
+
+
+class ErrorResponse(BaseModel):
+    """The one error shape (OpenAI/vLLM style) for every failure."""
+
+    error: ErrorDetail
+
+
+class SequenceTopk(BaseModel):
+    """JSON form of one sequence's rows (for humans and curl; the binary frame is the default)."""
+
+    first_row: int
+    token_ids: list[list[int]]
+    logprobs: list[list[float]]
+    target_logprobs: list[float] | None = None
+    tail_logmass: list[float] | None = None
+
+
+class TopkJsonResponse(BaseModel):
+    model: str
+    top_k: int
+    vocab_size: int
+    format_version: int = FORMAT_VERSION
+    sequences: list[SequenceTopk]

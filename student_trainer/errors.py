@@ -1,0 +1,28 @@
+"""Typed teacher-client failures, always raised ``from`` their cause. A failure stops training."""
+
+from __future__ import annotations
+
+
+class TeacherError(RuntimeError):
+    """Base class: the teacher could not supply the rows a step needs."""
+
+
+class TeacherUnavailableError(TeacherError):
+    """Connection failures or overload (429/502/503/504) that outlasted the retries."""
+
+
+class TeacherRequestError(TeacherError):
+    """The teacher refused a request (4xx/500); retrying the same request cannot help."""
+
+    def __init__(self, status: int, message: str, param: str | None = None) -> None:
+        super().__init__(f"teacher answered HTTP {status}: {message}" + (f" (field: {param})" if param else ""))
+        self.status = status
+        self.param = param
+
+
+class TeacherProtocolError(TeacherError):
+    """The answer does not match the request (row counts, k, model) or the wire format."""
+
+
+class TeacherMismatchError(TeacherError):
+    """Handshake: this teacher cannot teach this student (vocabulary or tokenizer differ)."""

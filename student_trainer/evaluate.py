@@ -1,0 +1,56 @@
+"""Held-out metrics: next-token cross-entropy on completions and KL(teacher||student) over the teacher's top-k."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from shared.alignment import next_token_labels, padded_positions
+from student_trainer.data import Example, collate
+from student_trainer.loss import gkd_topk_loss
+
+RowLogitsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class EvalResult:
+    ce: float
+    kl: float
+    tokens: int
+
+
+def row_logits_fn(model: torch.nn.Module) -> RowLogitsFn:
+    """Full-forward row logits of a HF causal LM (evaluation only: memory is not the concern here)."""
+
+    def fn(input_ids: torch.Tensor, mask: torch.Tensor, b_idx: torch.Tensor, t_idx: torch.Tensor) -> torch.Tensor:
+        return model(input_ids=input_ids, attention_mask=mask).logits[b_idx, t_idx]
+
+    return fn
+
+
+@torch.no_grad()
+def evaluate(student: RowLogitsFn, teacher: RowLogitsFn | None, examples: list[Example], pad_id: int,
+             top_k: int, batch_size: int = 32, device: torch.device | str = "cpu") -> EvalResult:
+    """Token-weighted CE of ``student`` on completion tokens, and its top-k KL to ``teacher`` (nan if none).
+
+    The KL is forward KL(teacher||student) with both renormalized over the teacher's top-k:
+    the quantity the default GKD loss (beta=0) drives to zero.
+    """
+    ce_sum, kl_sum, n = 0.0, 0.0, 0
+    for lo in range(0, len(examples), batch_size):
+        batch = collate(examples[lo : lo + batch_size], pad_id)
+        ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
+        b_idx, t_idx = padded_positions(batch.attention_mask, batch.first_rows)
+        labels = next_token_labels(batch.input_ids, b_idx, t_idx).to(device)
+        b_idx, t_idx = b_idx.to(device), t_idx.to(device)
+        s_logits = student(ids, mask, b_idx, t_idx).float()
+        ce_sum += float(F.cross_entropy(s_logits, labels, reduction="sum"))
+        if teacher is not None:
+            t_logits = teacher(ids, mask, b_idx, t_idx).float()
+            t_lp, t_ids = torch.topk(torch.log_softmax(t_logits, dim=-1), top_k, dim=-1)
+            kl_sum += float(gkd_topk_loss(s_logits, t_ids, t_lp, beta=0.0, tail="renorm").sum())
+        n += labels.numel()
+    return EvalResult(ce=ce_sum / n, kl=kl_sum / n if teacher is not None else float("nan"), tokens=n)

@@ -1,0 +1,55 @@
+"""The engine interface: what the HTTP layer needs from any teacher backend."""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+
+from shared.codec import TopkFrame
+
+
+@dataclass(frozen=True)
+class ScoreJob:
+    """One validated batch to score: rows ``first_rows[b] .. len(sequences[b]) - 2`` of each sequence."""
+
+    sequences: list[list[int]]
+    first_rows: list[int]
+    top_k: int
+    want_target_logprobs: bool = False
+    want_tail_logmass: bool = False
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(s) for s in self.sequences)
+
+
+class TeacherEngine(abc.ABC):
+    """A loaded teacher model that returns raw (temperature 1) top-k log-probs per position."""
+
+    engine_name: str = "abstract"
+
+    def __init__(self, served_model_name: str) -> None:
+        self.served_model_name = served_model_name
+
+    @property
+    @abc.abstractmethod
+    def vocab_size(self) -> int:
+        """Rows of the output embedding: the largest token id plus one the model accepts."""
+
+    @property
+    @abc.abstractmethod
+    def tokenizer_fingerprint(self) -> str: ...
+
+    @property
+    @abc.abstractmethod
+    def max_model_len(self) -> int: ...
+
+    async def start(self) -> None:
+        """Load weights and warm up; the service reports ready only after this returns."""
+
+    @abc.abstractmethod
+    async def score(self, job: ScoreJob) -> TopkFrame:
+        """Top-k rows of every sequence, logprobs float32, sorted descending per row."""
+
+    async def close(self) -> None:
+        """Release the engine's resources."""
