@@ -42,8 +42,9 @@ def main() -> None:
     p.add_argument("--cache", type=Path, default=Path("runs/cache"), help="tiny model cache (default: runs/cache)")
     p.add_argument("--steps", type=int, default=300, help="distillation steps (default: 300)")
     p.add_argument("--top-k", type=int, default=16, help="teacher log-probs per position (default: 16)")
-    p.add_argument("--tail", choices=["renorm", "tail"], default="tail",
-                   help="mass outside the top-k in the loss (default: tail)")
+    p.add_argument(
+        "--tail", choices=["renorm", "tail"], default="tail", help="mass outside the top-k in the loss (default: tail)"
+    )
     p.add_argument("--num-gpus", type=int, default=2, help="DeepSpeed ranks (CPU processes here; default: 2)")
     p.add_argument("--deepspeed", type=Path, default=ROOT / "deploy" / "ds_zero2.json", help="DeepSpeed config")
     args = p.parse_args()
@@ -61,12 +62,35 @@ def main() -> None:
     if deepspeed_bin is None:
         sys.exit("demo: the `deepspeed` launcher is not installed (pip install '.[trainer]')")
     with TeacherProcess(assets.teacher, log_path=args.out / "teacher.log") as teacher:
-        cmd = [deepspeed_bin, "--num_gpus", str(args.num_gpus), "--master_port", str(free_port()),
-               "--module", "student_trainer",
-               "--model_name_or_path", str(assets.student), "--train_file", str(assets.train_file),
-               "--output_dir", str(train_dir), "--teacher_url", teacher.url, "--max_steps", str(args.steps),
-               "--top_k", str(args.top_k), "--beta", "0.0", "--tail", args.tail, "--deepspeed", str(args.deepspeed),
-               "--logging_steps", "25"]
+        cmd = [
+            deepspeed_bin,
+            "--num_gpus",
+            str(args.num_gpus),
+            "--master_port",
+            str(free_port()),
+            "--module",
+            "student_trainer",
+            "--model_name_or_path",
+            str(assets.student),
+            "--train_file",
+            str(assets.train_file),
+            "--output_dir",
+            str(train_dir),
+            "--teacher_url",
+            teacher.url,
+            "--max_steps",
+            str(args.steps),
+            "--top_k",
+            str(args.top_k),
+            "--beta",
+            "0.0",
+            "--tail",
+            args.tail,
+            "--deepspeed",
+            str(args.deepspeed),
+            "--logging_steps",
+            "25",
+        ]
         logger.info("launching: %s", " ".join(cmd))
         t_train = time.perf_counter()
         subprocess.run(cmd, check=True)
@@ -74,18 +98,28 @@ def main() -> None:
 
     after, _ = held_out(train_dir / "final", assets.teacher, assets.eval_file, args.top_k)
     summary = {
-        "teacher_ce": teacher_res.ce, "student_ce_before": before.ce, "student_ce_after": after.ce,
-        "kl_before": before.kl, "kl_after": after.kl, "kl_ratio": after.kl / before.kl,
-        "eval_tokens": before.tokens, "steps": args.steps, "top_k": args.top_k, "ranks": args.num_gpus,
-        "train_s": train_s, "wall_s": time.perf_counter() - started,
+        "teacher_ce": teacher_res.ce,
+        "student_ce_before": before.ce,
+        "student_ce_after": after.ce,
+        "kl_before": before.kl,
+        "kl_after": after.kl,
+        "kl_ratio": after.kl / before.kl,
+        "eval_tokens": before.tokens,
+        "steps": args.steps,
+        "top_k": args.top_k,
+        "ranks": args.num_gpus,
+        "train_s": train_s,
+        "wall_s": time.perf_counter() - started,
     }
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"\n{'held-out (completion tokens)':<30}{'before':>10}{'after':>10}")
     print(f"{'student cross-entropy':<30}{before.ce:>10.3f}{after.ce:>10.3f}")
     print(f"{'KL(teacher||student), top-k':<30}{before.kl:>10.3f}{after.kl:>10.3f}")
     print(f"{'teacher cross-entropy':<30}{teacher_res.ce:>10.3f}{teacher_res.ce:>10.3f}")
-    print(f"\n{args.steps} steps on {args.num_gpus} DeepSpeed ranks in {train_s:.0f}s; "
-          f"total {summary['wall_s']:.0f}s. Summary: {args.out / 'summary.json'}")
+    print(
+        f"\n{args.steps} steps on {args.num_gpus} DeepSpeed ranks in {train_s:.0f}s; "
+        f"total {summary['wall_s']:.0f}s. Summary: {args.out / 'summary.json'}"
+    )
     if not after.kl <= 0.5 * before.kl:
         sys.exit(f"demo: distillation did not transfer: kl_after {after.kl:.3f} > kl_before/2 {before.kl / 2:.3f}")
 

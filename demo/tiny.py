@@ -23,7 +23,11 @@ logger = logging.getLogger(__name__)
 
 ASSET_VERSION = "tiny-v1"
 SEED = 1234
-WORDS = ["apple", "river", "stone", "cloud", "maple", "tiger", "ocean", "candle", "silver", "forest", "piano", "garden", "rocket", "violet", "mirror", "desert", "harbor", "lemon", "falcon", "meadow", "copper", "winter", "thunder", "island", "velvet", "anchor", "orbit", "saddle", "quartz", "ember", "willow", "canyon"]
+WORDS = (
+    "apple river stone cloud maple tiger ocean candle silver forest piano garden rocket "
+    "violet mirror desert harbor lemon falcon meadow copper winter thunder island velvet anchor "
+    "orbit saddle quartz ember willow canyon"
+).split()
 DAYS = ["monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday"]
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 
@@ -36,8 +40,10 @@ def _example(rng: random.Random) -> dict[str, str]:
         return {"prompt": f"{kind}: {' '.join(words)} =>", "completion": " " + " ".join(out)}
     if kind == "sort":
         digits = [rng.randint(0, 9) for _ in range(rng.randint(3, 6))]
-        return {"prompt": f"sort: {' '.join(map(str, digits))} =>",
-                "completion": " " + " ".join(map(str, sorted(digits)))}
+        return {
+            "prompt": f"sort: {' '.join(map(str, digits))} =>",
+            "completion": " " + " ".join(map(str, sorted(digits))),
+        }
     if kind == "add":
         a, b = rng.randint(0, 49), rng.randint(0, 49)
         return {"prompt": f"add: {a} + {b} =>", "completion": f" {a + b}"}
@@ -64,8 +70,12 @@ def build_tokenizer(texts: list[str], vocab_size: int = 512):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[PAD, BOS, EOS],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[PAD, BOS, EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(texts, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD)
 
@@ -81,11 +91,17 @@ class TinyLlama:
         from transformers import LlamaConfig
 
         return LlamaConfig(
-            vocab_size=vocab_size, hidden_size=self.hidden_size, num_hidden_layers=self.layers,
-            num_attention_heads=self.heads, num_key_value_heads=self.heads,
-            intermediate_size=self.intermediate_size, max_position_embeddings=256,
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
+            vocab_size=vocab_size,
+            hidden_size=self.hidden_size,
+            num_hidden_layers=self.layers,
+            num_attention_heads=self.heads,
+            num_key_value_heads=self.heads,
+            intermediate_size=self.intermediate_size,
+            max_position_embeddings=256,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            tie_word_embeddings=False,
         )
 
 
@@ -96,13 +112,19 @@ STUDENT = TinyLlama(hidden_size=64, layers=2, heads=2, intermediate_size=192)
 
 def encode_lm(tokenizer, rows: list[dict[str, str]]) -> list[list[int]]:
     return [
-        tokenizer(r["prompt"]).input_ids + tokenizer(r["completion"]).input_ids + [tokenizer.eos_token_id]
-        for r in rows
+        tokenizer(r["prompt"]).input_ids + tokenizer(r["completion"]).input_ids + [tokenizer.eos_token_id] for r in rows
     ]
 
 
-def pretrain_teacher(model: torch.nn.Module, seqs: list[list[int]], pad_id: int, steps: int,
-                     batch_size: int = 32, lr: float = 3e-3, seed: int = SEED) -> float:
+def pretrain_teacher(
+    model: torch.nn.Module,
+    seqs: list[list[int]],
+    pad_id: int,
+    steps: int,
+    batch_size: int = 32,
+    lr: float = 3e-3,
+    seed: int = SEED,
+) -> float:
     """Plain next-token training so the teacher knows something the student does not."""
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
@@ -161,8 +183,9 @@ class TinyAssets:
         return self.root / "DONE"
 
 
-def build_assets(out: Path, teacher_steps: int = 800, n_train: int = 4000, n_eval: int = 256,
-                 force: bool = False) -> TinyAssets:
+def build_assets(
+    out: Path, teacher_steps: int = 800, n_train: int = 4000, n_eval: int = 256, force: bool = False
+) -> TinyAssets:
     """Build (or reuse) tokenizer, data, pre-trained teacher and untrained student."""
     from transformers import LlamaForCausalLM
 
@@ -188,8 +211,9 @@ def build_assets(out: Path, teacher_steps: int = 800, n_train: int = 4000, n_eva
     teacher.save_pretrained(assets.teacher)
     tokenizer.save_pretrained(assets.teacher)
     assets.done_marker.write_text(json.dumps({"teacher_final_loss": final, "vocab_size": vocab}))
-    logger.info("built tiny assets in %.0fs (teacher loss %.3f) at %s", time.perf_counter() - started, final,
-                assets.root)
+    logger.info(
+        "built tiny assets in %.0fs (teacher loss %.3f) at %s", time.perf_counter() - started, final, assets.root
+    )
     return assets
 
 

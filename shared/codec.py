@@ -70,7 +70,9 @@ class TopkFrame:
     def validate(self) -> None:
         n = int(self.token_ids.shape[0])
         if self.token_ids.dim() != 2 or self.logprobs.shape != self.token_ids.shape:
-            raise FrameError(f"token_ids {tuple(self.token_ids.shape)} and logprobs {tuple(self.logprobs.shape)} differ")
+            raise FrameError(
+                f"token_ids {tuple(self.token_ids.shape)} and logprobs {tuple(self.logprobs.shape)} differ"
+            )
         if self.row_offsets.numel() < 1 or int(self.row_offsets[0]) != 0 or int(self.row_offsets[-1]) != n:
             raise FrameError(f"row_offsets must start at 0 and end at {n} rows")
         if self.first_rows.numel() != self.num_sequences:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 FORMAT_VERSION = 1
 """Bumped whenever the binary frame layout changes incompatibly."""
@@ -48,22 +48,28 @@ class TopkRequest(BaseModel):
         default=False, description="Add `tail_logmass`: log of the probability mass outside the top-k per row."
     )
 
-    @model_validator(mode="after")
-    def _check_shapes(self) -> TopkRequest:
-        for i, seq in enumerate(self.sequences):
+    @field_validator("sequences")
+    @classmethod
+    def _at_least_two_tokens(cls, sequences: list[list[int]]) -> list[list[int]]:
+        for i, seq in enumerate(sequences):
             if len(seq) < 2:
                 raise ValueError(f"sequences[{i}] has {len(seq)} token(s); at least 2 are needed")
-        if self.first_rows is not None:
-            if len(self.first_rows) != len(self.sequences):
+        return sequences
+
+    @field_validator("first_rows")
+    @classmethod
+    def _rows_inside_sequences(cls, first_rows: list[int] | None, info: ValidationInfo) -> list[int] | None:
+        sequences = info.data.get("sequences")
+        if first_rows is None or sequences is None:
+            return first_rows
+        if len(first_rows) != len(sequences):
+            raise ValueError(f"first_rows has {len(first_rows)} entries for {len(sequences)} sequences")
+        for i, (row, seq) in enumerate(zip(first_rows, sequences, strict=True)):
+            if not 0 <= row <= len(seq) - 2:
                 raise ValueError(
-                    f"first_rows has {len(self.first_rows)} entries for {len(self.sequences)} sequences"
+                    f"first_rows[{i}]={row} is outside [0, {len(seq) - 2}] for a sequence of {len(seq)} tokens"
                 )
-            for i, (row, seq) in enumerate(zip(self.first_rows, self.sequences, strict=True)):
-                if not 0 <= row <= len(seq) - 2:
-                    raise ValueError(
-                        f"first_rows[{i}]={row} is outside [0, {len(seq) - 2}] for a sequence of {len(seq)} tokens"
-                    )
-        return self
+        return first_rows
 
     def resolved_first_rows(self) -> list[int]:
         return list(self.first_rows) if self.first_rows is not None else [0] * len(self.sequences)

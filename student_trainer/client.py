@@ -90,8 +90,14 @@ class TeacherClient:
                     raise self._error_from(resp)
                 delay = self._backoff(attempt, resp.headers.get("retry-after"))
             attempt += 1
-            logger.warning("teacher %s %s failed (attempt %d/%d), retrying in %.1fs",
-                           method, path, attempt, self.max_retries + 1, delay)
+            logger.warning(
+                "teacher %s %s failed (attempt %d/%d), retrying in %.1fs",
+                method,
+                path,
+                attempt,
+                self.max_retries + 1,
+                delay,
+            )
             await asyncio.sleep(delay)
 
     def _backoff(self, attempt: int, retry_after: str | None) -> float:
@@ -121,8 +127,14 @@ class TeacherClient:
                 self._info = TeacherInfo.model_validate_json(resp.content)
             except ValueError as exc:
                 raise TeacherProtocolError(f"/v1/info answer is not a teacher handshake: {exc}") from exc
-            logger.info("teacher %s serves %r (vocab %d, max k %d, engine %s)", self.base_url, self._info.model,
-                        self._info.vocab_size, self._info.max_top_k, self._info.engine)
+            logger.info(
+                "teacher %s serves %r (vocab %d, max k %d, engine %s)",
+                self.base_url,
+                self._info.model,
+                self._info.vocab_size,
+                self._info.max_top_k,
+                self._info.engine,
+            )
         return self._info
 
     async def model_name(self) -> str:
@@ -156,13 +168,18 @@ class TeacherClient:
         """Top-k rows of a whole micro-batch in one request, checked against what was asked."""
         model = await self.model_name()
         req = TopkRequest(
-            model=model, sequences=[list(map(int, s)) for s in sequences], top_k=top_k,
+            model=model,
+            sequences=[list(map(int, s)) for s in sequences],
+            top_k=top_k,
             first_rows=None if first_rows is None else [int(f) for f in first_rows],
-            logprobs_dtype=logprobs_dtype, return_target_logprobs=return_target_logprobs,
+            logprobs_dtype=logprobs_dtype,
+            return_target_logprobs=return_target_logprobs,
             return_tail_logmass=return_tail_logmass,
         )
         resp = await self._request(
-            "POST", "/v1/topk_logprobs", content=req.model_dump_json(exclude_none=True),
+            "POST",
+            "/v1/topk_logprobs",
+            content=req.model_dump_json(exclude_none=True),
             headers={"content-type": "application/json", "accept": TOPK_MEDIA_TYPE},
         )
         try:

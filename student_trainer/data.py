@@ -51,7 +51,7 @@ def load_jsonl(path: str | Path, tokenizer, max_length: int, max_completion_leng
             if "prompt" not in row or "completion" not in row:
                 raise ValueError(f"{path}:{line_no}: each line needs 'prompt' and 'completion' fields")
             prompt = tokenizer(row["prompt"], add_special_tokens=False).input_ids
-            completion = tokenizer(row["completion"], add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+            completion = [*tokenizer(row["completion"], add_special_tokens=False).input_ids, tokenizer.eos_token_id]
             if max_completion_length is not None:
                 completion = completion[:max_completion_length]
             room = max_length - len(completion)
@@ -80,12 +80,14 @@ class ShardedBatches:
     ``position`` (epoch, index) is all the state needed to resume exactly.
     """
 
-    def __init__(self, examples: list[Example], micro_batch: int, rank: int, world: int, seed: int,
-                 pad_id: int) -> None:
+    def __init__(
+        self, examples: list[Example], micro_batch: int, rank: int, world: int, seed: int, pad_id: int
+    ) -> None:
         per_rank = len(examples) // world
         if per_rank < micro_batch:
-            raise ValueError(f"{len(examples)} examples over {world} ranks is fewer than one micro-batch of "
-                             f"{micro_batch}")
+            raise ValueError(
+                f"{len(examples)} examples over {world} ranks is fewer than one micro-batch of {micro_batch}"
+            )
         self.examples, self.micro_batch, self.rank, self.world = examples, micro_batch, rank, world
         self.seed, self.pad_id = seed, pad_id
         self.epoch, self.index = 0, 0

@@ -32,8 +32,15 @@ def row_logits_fn(model: torch.nn.Module) -> RowLogitsFn:
 
 
 @torch.no_grad()
-def evaluate(student: RowLogitsFn, teacher: RowLogitsFn | None, examples: list[Example], pad_id: int,
-             top_k: int, batch_size: int = 32, device: torch.device | str = "cpu") -> EvalResult:
+def evaluate(
+    student: RowLogitsFn,
+    teacher: RowLogitsFn | None,
+    examples: list[Example],
+    pad_id: int,
+    top_k: int,
+    batch_size: int = 32,
+    device: torch.device | str = "cpu",
+) -> EvalResult:
     """Token-weighted CE of ``student`` on completion tokens, and its top-k KL to ``teacher`` (nan if none).
 
     The KL is forward KL(teacher||student) with both renormalized over the teacher's top-k:

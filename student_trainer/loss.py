@@ -45,14 +45,13 @@ def generalized_jsd(student_log: torch.Tensor, teacher_log: torch.Tensor, beta: 
         return kl_div_log(teacher_log, student_log)
     if beta == 1.0:
         return kl_div_log(student_log, teacher_log)
-    mixture = torch.logsumexp(
-        torch.stack([student_log + math.log(1.0 - beta), teacher_log + math.log(beta)]), dim=0
-    )
+    mixture = torch.logsumexp(torch.stack([student_log + math.log(1.0 - beta), teacher_log + math.log(beta)]), dim=0)
     return beta * kl_div_log(teacher_log, mixture) + (1.0 - beta) * kl_div_log(student_log, mixture)
 
 
-def chunked_logsumexp(logits: torch.Tensor, scale: float = 1.0, exclude: torch.Tensor | None = None,
-                      row_chunk: int = 512) -> torch.Tensor:
+def chunked_logsumexp(
+    logits: torch.Tensor, scale: float = 1.0, exclude: torch.Tensor | None = None, row_chunk: int = 512
+) -> torch.Tensor:
     """logsumexp(logits * scale) per row, optionally leaving out the ids in ``exclude`` [N, k].
 
     Row chunks keep the fp32 temporaries to ``row_chunk`` rows: no second [N, V] tensor.
@@ -115,6 +114,7 @@ def gkd_topk_loss(
     The caller sums rows and divides by the number of valid tokens of the whole
     optimizer step (all micro-batches, all ranks), not per micro-batch.
     """
-    s_log, t_log = topk_distributions(student_logits, teacher_ids, teacher_logprobs, temperature, tail,
-                                      teacher_tail_logmass)
+    s_log, t_log = topk_distributions(
+        student_logits, teacher_ids, teacher_logprobs, temperature, tail, teacher_tail_logmass
+    )
     return generalized_jsd(s_log, t_log, beta)

@@ -19,11 +19,14 @@ class RowLogitsLM(torch.nn.Module):
         super().__init__()
         self.model = model
         cfg = getattr(model, "config", None)
-        self._plain_head = all(getattr(cfg, name, None) in (None, 1.0)
-                               for name in ("final_logit_softcapping", "logit_scale", "logits_scaling"))
+        self._plain_head = all(
+            getattr(cfg, name, None) in (None, 1.0)
+            for name in ("final_logit_softcapping", "logit_scale", "logits_scaling")
+        )
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, b_idx: torch.Tensor,
-                t_idx: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, b_idx: torch.Tensor, t_idx: torch.Tensor
+    ) -> torch.Tensor:
         if self._plain_head:
             hidden = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
             return self.model.get_output_embeddings()(hidden[b_idx, t_idx])

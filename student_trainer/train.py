@@ -34,8 +34,7 @@ logger = logging.getLogger("student_trainer")
 class TeacherFeed:
     """Micro-batches paired with their teacher futures, ``depth`` requests ahead of training."""
 
-    def __init__(self, batches: Iterator[Batch], prefetcher: TeacherPrefetcher, top_k: int,
-                 want_tail: bool) -> None:
+    def __init__(self, batches: Iterator[Batch], prefetcher: TeacherPrefetcher, top_k: int, want_tail: bool) -> None:
         self._batches, self._prefetcher, self._top_k, self._want_tail = batches, prefetcher, top_k, want_tail
         self._queue: deque[tuple[Batch, Future[TopkFrame]]] = deque()
         for _ in range(prefetcher.depth):
@@ -45,8 +44,9 @@ class TeacherFeed:
         batch = next(self._batches)
         top_k, want_tail = self._top_k, self._want_tail
         fut = self._prefetcher.submit(
-            lambda client: client.topk_logprobs(batch.sequences, top_k, first_rows=batch.first_rows,
-                                                return_tail_logmass=want_tail)
+            lambda client: client.topk_logprobs(
+                batch.sequences, top_k, first_rows=batch.first_rows, return_tail_logmass=want_tail
+            )
         )
         self._queue.append((batch, fut))
 
@@ -73,8 +73,10 @@ def train(args: argparse.Namespace) -> dict[str, float]:
     deepspeed.init_distributed(dist_backend=backend)
     rank, world = dist.get_rank(), dist.get_world_size()
     is_main = rank == 0
-    logging.basicConfig(level=logging.INFO if is_main else logging.WARNING,
-                        format=f"%(asctime)s %(levelname)s [rank {rank}] %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if is_main else logging.WARNING,
+        format=f"%(asctime)s %(levelname)s [rank {rank}] %(name)s: %(message)s",
+    )
     torch.manual_seed(args.seed)
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -96,8 +98,16 @@ def train(args: argparse.Namespace) -> dict[str, float]:
     vocab = int(model.get_output_embeddings().weight.shape[0])
     info = prefetcher.run(prefetcher.client.check_compatible(vocab, tokenizer_fingerprint(tokenizer), args.top_k))
     if is_main:
-        logger.info("student %s, teacher %r at %s; %d ranks x micro-batch %d x accumulation %d, %d steps",
-                    args.model_name_or_path, info.model, args.teacher_url, world, micro, gas, args.max_steps)
+        logger.info(
+            "student %s, teacher %r at %s; %d ranks x micro-batch %d x accumulation %d, %d steps",
+            args.model_name_or_path,
+            info.model,
+            args.teacher_url,
+            world,
+            micro,
+            gas,
+            args.max_steps,
+        )
 
     feed = TeacherFeed(iter(batches), prefetcher, args.top_k, want_tail=args.tail == "tail")
     log_path = out_dir / "train_log.jsonl"
@@ -118,12 +128,19 @@ def train(args: argparse.Namespace) -> dict[str, float]:
                 frame = fut.result()
                 window["wait"] += time.perf_counter() - t_wait
                 b_idx, t_idx = padded_positions(batch.attention_mask, batch.first_rows)
-                logits = engine(batch.input_ids.to(device), batch.attention_mask.to(device),
-                                b_idx.to(device), t_idx.to(device))
+                logits = engine(
+                    batch.input_ids.to(device), batch.attention_mask.to(device), b_idx.to(device), t_idx.to(device)
+                )
                 tail_mass = frame.tail_logmass.to(device) if frame.tail_logmass is not None else None
-                per_row = gkd_topk_loss(logits, frame.token_ids.to(device), frame.logprobs.to(device),
-                                        beta=args.beta, temperature=args.temperature, tail=args.tail,
-                                        teacher_tail_logmass=tail_mass)
+                per_row = gkd_topk_loss(
+                    logits,
+                    frame.token_ids.to(device),
+                    frame.logprobs.to(device),
+                    beta=args.beta,
+                    temperature=args.temperature,
+                    tail=args.tail,
+                    teacher_tail_logmass=tail_mass,
+                )
                 loss_sum = per_row.sum()
                 engine.backward(loss_sum * scale)
                 engine.step()
@@ -133,15 +150,20 @@ def train(args: argparse.Namespace) -> dict[str, float]:
             if step % args.logging_steps == 0 or step == args.max_steps:
                 loss_all = all_reduce_sum(window["loss"], device)
                 elapsed = time.perf_counter() - window["t0"]
-                record = {"step": step, "loss": loss_all / window["tokens"],
-                          "tokens_per_s": window["tokens"] / elapsed, "teacher_wait_s": window["wait"],
-                          "elapsed_s": time.perf_counter() - started}
+                record = {
+                    "step": step,
+                    "loss": loss_all / window["tokens"],
+                    "tokens_per_s": window["tokens"] / elapsed,
+                    "teacher_wait_s": window["wait"],
+                    "elapsed_s": time.perf_counter() - started,
+                }
                 last_loss = record["loss"]
                 if log_file is not None:
                     log_file.write(json.dumps(record) + "\n")
                     log_file.flush()
-                bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}",
-                                wait=f"{window['wait']:.1f}s")
+                bar.set_postfix(
+                    loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}", wait=f"{window['wait']:.1f}s"
+                )
                 window = {"loss": 0.0, "tokens": 0.0, "wait": 0.0, "t0": time.perf_counter()}
             bar.update(1)
     finally:

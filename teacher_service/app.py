@@ -39,8 +39,12 @@ def create_app(config: ServiceConfig, engine: TeacherEngine | None = None) -> Fa
         eng = engine or build_engine(config)
         started = time.perf_counter()
         await eng.start()
-        logger.info("engine %s ready in %.1fs, serving %r", eng.engine_name, time.perf_counter() - started,
-                    eng.served_model_name)
+        logger.info(
+            "engine %s ready in %.1fs, serving %r",
+            eng.engine_name,
+            time.perf_counter() - started,
+            eng.served_model_name,
+        )
         app.state.engine = eng
         app.state.created = int(time.time())
         try:

@@ -30,8 +30,9 @@ async def read_limited_body(request: Request, limit: int) -> bytes:
 async def parse_json_body(request: Request, schema: type[M], limit: int) -> M:
     content_type = request.headers.get("content-type", "")
     if content_type.split(";")[0].strip().lower() != "application/json":
-        raise ServiceError(415, f"content-type must be application/json, got {content_type or 'none'!r}",
-                           "content-type")
+        raise ServiceError(
+            415, f"content-type must be application/json, got {content_type or 'none'!r}", "content-type"
+        )
     body = await read_limited_body(request, limit)
     try:
         return schema.model_validate_json(body)

@@ -15,16 +15,25 @@ from shared.protocol import ErrorDetail, ErrorResponse
 
 logger = logging.getLogger(__name__)
 
-_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError", 405: "MethodNotAllowed",
-          413: "RequestTooLargeError", 415: "UnsupportedMediaType", 429: "RateLimitError",
-          500: "InternalServerError", 503: "ServiceUnavailableError"}
+_TYPES = {
+    400: "BadRequestError",
+    401: "AuthenticationError",
+    404: "NotFoundError",
+    405: "MethodNotAllowed",
+    413: "RequestTooLargeError",
+    415: "UnsupportedMediaType",
+    429: "RateLimitError",
+    500: "InternalServerError",
+    503: "ServiceUnavailableError",
+}
 
 
 class ServiceError(Exception):
     """A failure with a status and, for the caller's mistakes, the offending field."""
 
-    def __init__(self, status: int, message: str, param: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, status: int, message: str, param: str | None = None, headers: dict[str, str] | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
@@ -32,8 +41,9 @@ class ServiceError(Exception):
         self.headers = headers
 
 
-def error_response(status: int, message: str, param: str | None = None,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
+def error_response(
+    status: int, message: str, param: str | None = None, headers: dict[str, str] | None = None
+) -> JSONResponse:
     body = ErrorResponse(error=ErrorDetail(message=message, type=_TYPES.get(status, "Error"), param=param, code=status))
     return JSONResponse(body.model_dump(), status_code=status, headers=headers)
 

@@ -26,12 +26,29 @@ def free_port(host: str = "127.0.0.1") -> int:
 class TeacherProcess:
     """``python -m teacher_service`` on a free loopback port; a context manager that always stops it."""
 
-    def __init__(self, model: str | Path, extra_args: Sequence[str] = (), log_path: str | Path | None = None,
-                 host: str = "127.0.0.1", port: int | None = None, startup_timeout: float = 180.0,
-                 env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        model: str | Path,
+        extra_args: Sequence[str] = (),
+        log_path: str | Path | None = None,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        startup_timeout: float = 180.0,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.host, self.port = host, port or free_port(host)
-        self.args = [sys.executable, "-m", "teacher_service", "--model", str(model), "--host", host,
-                     "--port", str(self.port), *extra_args]
+        self.args = [
+            sys.executable,
+            "-m",
+            "teacher_service",
+            "--model",
+            str(model),
+            "--host",
+            host,
+            "--port",
+            str(self.port),
+            *extra_args,
+        ]
         self.log_path = Path(log_path) if log_path else None
         self.startup_timeout = startup_timeout
         self.env = {**os.environ, **(env or {})}
@@ -47,8 +64,10 @@ class TeacherProcess:
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"teacher service exited with code {self.proc.returncode} during start-up"
-                                   + (f"; see {self.log_path}" if self.log_path else ""))
+                raise RuntimeError(
+                    f"teacher service exited with code {self.proc.returncode} during start-up"
+                    + (f"; see {self.log_path}" if self.log_path else "")
+                )
             try:
                 if httpx.get(f"{self.url}/health", timeout=2.0).status_code == 200:
                     logger.info("teacher service ready at %s", self.url)

@@ -50,8 +50,12 @@ async def health() -> dict[str, str]:
 
 @router.get("/v1/models")
 async def list_models(engine: Engine, request: Request) -> ModelList:
-    card = ModelCard(id=engine.served_model_name, created=request.app.state.created,
-                     root=getattr(engine, "model_dir", None), max_model_len=engine.max_model_len or None)
+    card = ModelCard(
+        id=engine.served_model_name,
+        created=request.app.state.created,
+        root=getattr(engine, "model_dir", None),
+        max_model_len=engine.max_model_len or None,
+    )
     return ModelList(data=[card])
 
 
@@ -62,16 +66,21 @@ async def info(engine: Engine, config: Config) -> TeacherInfo:
         vocab_size=engine.vocab_size,
         tokenizer_fingerprint=engine.tokenizer_fingerprint,
         max_top_k=config.max_top_k,
-        limits=RequestLimits(max_top_k=config.max_top_k, max_sequences=config.max_sequences,
-                             max_tokens=config.max_tokens, max_body_bytes=config.max_body_bytes),
+        limits=RequestLimits(
+            max_top_k=config.max_top_k,
+            max_sequences=config.max_sequences,
+            max_tokens=config.max_tokens,
+            max_body_bytes=config.max_body_bytes,
+        ),
         engine=engine.engine_name,
     )
 
 
 def check_model_name(requested: str | None, engine: TeacherEngine) -> None:
     if requested is not None and requested != engine.served_model_name:
-        raise ServiceError(404, f"The model `{requested}` does not exist; this teacher serves "
-                                f"`{engine.served_model_name}`.", "model")
+        raise ServiceError(
+            404, f"The model `{requested}` does not exist; this teacher serves `{engine.served_model_name}`.", "model"
+        )
 
 
 def validate_against_limits(req: TopkRequest, engine: TeacherEngine, config: ServiceConfig) -> None:
@@ -80,16 +89,18 @@ def validate_against_limits(req: TopkRequest, engine: TeacherEngine, config: Ser
     if req.top_k > config.max_top_k:
         raise ServiceError(400, f"top_k={req.top_k} exceeds this teacher's maximum of {config.max_top_k}", "top_k")
     if len(req.sequences) > config.max_sequences:
-        raise ServiceError(413, f"{len(req.sequences)} sequences exceed the limit of {config.max_sequences}",
-                           "sequences")
+        raise ServiceError(
+            413, f"{len(req.sequences)} sequences exceed the limit of {config.max_sequences}", "sequences"
+        )
     total = sum(len(s) for s in req.sequences)
     if total > config.max_tokens:
         raise ServiceError(413, f"{total} tokens exceed the limit of {config.max_tokens}", "sequences")
     vocab, max_len = engine.vocab_size, engine.max_model_len
     for i, seq in enumerate(req.sequences):
         if max_len and len(seq) > max_len:
-            raise ServiceError(400, f"sequences[{i}] has {len(seq)} tokens, more than the model's {max_len}",
-                               f"sequences[{i}]")
+            raise ServiceError(
+                400, f"sequences[{i}] has {len(seq)} tokens, more than the model's {max_len}", f"sequences[{i}]"
+            )
         lo, hi = min(seq), max(seq)
         if lo < 0 or hi >= vocab:
             bad = lo if lo < 0 else hi
@@ -109,35 +120,45 @@ def frame_to_json(frame: TopkFrame, model: str, vocab_size: int) -> TopkJsonResp
     seqs = []
     for b in range(frame.num_sequences):
         rows = frame.rows(b)
-        seqs.append(SequenceTopk(
-            first_row=int(frame.first_rows[b]),
-            token_ids=frame.token_ids[rows].tolist(),
-            logprobs=_json_floats(frame.logprobs[rows]),
-            target_logprobs=None if frame.target_logprobs is None else _json_floats(frame.target_logprobs[rows]),
-            tail_logmass=None if frame.tail_logmass is None else _json_floats(frame.tail_logmass[rows]),
-        ))
+        seqs.append(
+            SequenceTopk(
+                first_row=int(frame.first_rows[b]),
+                token_ids=frame.token_ids[rows].tolist(),
+                logprobs=_json_floats(frame.logprobs[rows]),
+                target_logprobs=None if frame.target_logprobs is None else _json_floats(frame.target_logprobs[rows]),
+                tail_logmass=None if frame.tail_logmass is None else _json_floats(frame.tail_logmass[rows]),
+            )
+        )
     return TopkJsonResponse(model=model, top_k=frame.top_k, vocab_size=vocab_size, sequences=seqs)
 
 
 @router.post(
     "/v1/topk_logprobs",
     responses={200: {"content": {TOPK_MEDIA_TYPE: {}, "application/json": {}}}},
-    openapi_extra={"requestBody": {"required": True, "content": {
-        "application/json": {"schema": TopkRequest.model_json_schema()}}}},
+    openapi_extra={
+        "requestBody": {"required": True, "content": {"application/json": {"schema": TopkRequest.model_json_schema()}}}
+    },
 )
 async def topk_logprobs(request: Request, engine: Engine, config: Config) -> Response:
     """Top-k teacher log-probs for every requested row of every sequence (binary frame by default)."""
     req = await parse_json_body(request, TopkRequest, config.max_body_bytes)
     validate_against_limits(req, engine, config)
-    job = ScoreJob(sequences=req.sequences, first_rows=req.resolved_first_rows(), top_k=req.top_k,
-                   want_target_logprobs=req.return_target_logprobs, want_tail_logmass=req.return_tail_logmass)
+    job = ScoreJob(
+        sequences=req.sequences,
+        first_rows=req.resolved_first_rows(),
+        top_k=req.top_k,
+        want_target_logprobs=req.return_target_logprobs,
+        want_tail_logmass=req.return_tail_logmass,
+    )
     frame = await engine.score(job)
     if wants_json(request):
         body = frame_to_json(frame, engine.served_model_name, engine.vocab_size)
         return Response(orjson.dumps(body.model_dump(exclude_none=True)), media_type="application/json")
     frame.logprobs = frame.logprobs.to(LOGPROB_DTYPES[req.logprobs_dtype])
-    frame.metadata = {"model": engine.served_model_name, "vocab_size": str(engine.vocab_size),
-                      "top_k": str(req.top_k), "format_version": str(FORMAT_VERSION)}
+    frame.metadata = {
+        "model": engine.served_model_name,
+        "vocab_size": str(engine.vocab_size),
+        "top_k": str(req.top_k),
+        "format_version": str(FORMAT_VERSION),
+    }
     return Response(encode_frame(frame), media_type=TOPK_MEDIA_TYPE)
-
-

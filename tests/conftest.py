@@ -24,7 +24,9 @@ def tiny_assets() -> TinyAssets:
 @pytest.fixture(scope="session")
 def teacher_server(tiny_assets: TinyAssets, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TeacherProcess]:
     log = tmp_path_factory.mktemp("teacher") / "teacher.log"
-    with TeacherProcess(tiny_assets.teacher, extra_args=["--max-top-k", "32", "--max-sequences", "64",
-                                                         "--max-tokens", "4096", "--max-body-bytes", "65536"],
-                        log_path=log) as proc:
+    with TeacherProcess(
+        tiny_assets.teacher,
+        extra_args=["--max-top-k", "32", "--max-sequences", "64", "--max-tokens", "4096", "--max-body-bytes", "65536"],
+        log_path=log,
+    ) as proc:
         yield proc

@@ -9,7 +9,12 @@ from shared.alignment import next_token_labels, padded_positions, row_offsets, v
 from teacher_service.engines.base import ScoreJob
 from teacher_service.engines.hf import HFEngine
 
-SEQS = [[5, 9, 14, 3, 8], [7, 2, 11, 40, 41, 42, 43, 19, 20], [30, 31], [4, 8, 15, 16, 23, 42, 99, 100, 101, 7, 3, 2, 1]]
+SEQS = [
+    [5, 9, 14, 3, 8],
+    [7, 2, 11, 40, 41, 42, 43, 19, 20],
+    [30, 31],
+    [4, 8, 15, 16, 23, 42, 99, 100, 101, 7, 3, 2, 1],
+]
 FIRSTS = [0, 3, 0, 10]
 
 

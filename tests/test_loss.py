@@ -28,8 +28,9 @@ def softmax(xs: list[float]) -> list[float]:
     return [v / sum(e) for v in e]
 
 
-def reference_loss(s_logits: torch.Tensor, t_full: torch.Tensor, k: int, beta: float, temp: float,
-                   tail: str) -> list[float]:
+def reference_loss(
+    s_logits: torch.Tensor, t_full: torch.Tensor, k: int, beta: float, temp: float, tail: str
+) -> list[float]:
     out = []
     for s_row, t_row in zip(s_logits.double().tolist(), t_full.double().tolist(), strict=True):
         t_probs = softmax(t_row)

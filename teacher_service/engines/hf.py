@@ -100,7 +100,11 @@ class HFEngine(TeacherEngine):
         self._max_len = int(getattr(model.config, "max_position_embeddings", 0) or 0)
         logger.info(
             "loaded %s (%s, vocab %d, %s) from %s",
-            self.served_model_name, type(model).__name__, self._vocab_size, model.dtype, self.model_dir,
+            self.served_model_name,
+            type(model).__name__,
+            self._vocab_size,
+            model.dtype,
+            self.model_dir,
         )
 
     async def start(self) -> None:
@@ -143,9 +147,7 @@ class HFEngine(TeacherEngine):
         for b, seq in enumerate(seqs):
             input_ids[b, : len(seq)] = torch.tensor(seq, dtype=torch.long)
             mask[b, : len(seq)] = 1
-        logits = self._model(
-            input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device)
-        ).logits
+        logits = self._model(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device)).logits
         b_idx, t_idx = padded_positions(mask, firsts)
         rows = logits[b_idx.to(self.device), t_idx.to(self.device)]
         targets = input_ids[b_idx, t_idx + 1] if job.want_target_logprobs else None
