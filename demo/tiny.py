@@ -149,7 +149,7 @@ def pretrain_teacher(
         opt.step()
         sched.step()
         loss_val = loss.item()
-        bar.set_postfix(loss=f"{loss_val:.3f}")
+        bar.set_postfix(loss=f"{loss_val:.3f}", refresh=False)
     model.eval()
     return loss_val
 

@@ -35,6 +35,9 @@ LOGPROB_DTYPES: dict[str, torch.dtype] = {
 }
 
 
+_EXTRAS = ("target_logprobs", "tail_logmass", "target_ranks")
+
+
 class FrameError(ValueError):
     """The bytes are not a valid top-k frame."""
 
@@ -45,7 +48,8 @@ class TopkFrame:
 
     token_ids: int32 [N, k]; logprobs: float [N, k] sorted descending per row;
     row_offsets: int64 [B+1]; first_rows: int64 [B]; optional per-row extras
-    target_logprobs and tail_logmass: float32 [N].
+    target_logprobs and tail_logmass: float32 [N]; target_ranks int32 [N] (1-based vocabulary
+    rank of the actual next token, used by the vLLM-compatible JSON answer).
     """
 
     token_ids: torch.Tensor
@@ -54,6 +58,7 @@ class TopkFrame:
     first_rows: torch.Tensor
     target_logprobs: torch.Tensor | None = None
     tail_logmass: torch.Tensor | None = None
+    target_ranks: torch.Tensor | None = None
     metadata: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -67,6 +72,51 @@ class TopkFrame:
     def rows(self, b: int) -> slice:
         return slice(int(self.row_offsets[b]), int(self.row_offsets[b + 1]))
 
+    def select(self, lo: int, hi: int, top_k: int | None = None) -> TopkFrame:
+        """Sequences ``lo:hi`` (and the first ``top_k`` columns) as a frame of their own."""
+        r0, r1 = int(self.row_offsets[lo]), int(self.row_offsets[hi])
+        k = self.top_k if top_k is None else top_k
+
+        def rows(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[r0:r1]
+
+        return TopkFrame(
+            token_ids=self.token_ids[r0:r1, :k],
+            logprobs=self.logprobs[r0:r1, :k],
+            row_offsets=self.row_offsets[lo : hi + 1] - r0,
+            first_rows=self.first_rows[lo:hi],
+            target_logprobs=rows(self.target_logprobs),
+            tail_logmass=rows(self.tail_logmass),
+            target_ranks=rows(self.target_ranks),
+            metadata=dict(self.metadata),
+        )
+
+    @staticmethod
+    def concat(parts: list[TopkFrame]) -> TopkFrame:
+        """Frames of consecutive sequence groups joined into one (offsets shifted, extras kept if all have them)."""
+        if len(parts) == 1:
+            return parts[0]
+        offsets = [parts[0].row_offsets]
+        base = int(parts[0].row_offsets[-1])
+        for p in parts[1:]:
+            offsets.append(p.row_offsets[1:] + base)
+            base += int(p.row_offsets[-1])
+
+        def cat(name: str) -> torch.Tensor | None:
+            tensors = [getattr(p, name) for p in parts]
+            return None if any(t is None for t in tensors) else torch.cat(tensors)
+
+        return TopkFrame(
+            token_ids=torch.cat([p.token_ids for p in parts]),
+            logprobs=torch.cat([p.logprobs for p in parts]),
+            row_offsets=torch.cat(offsets),
+            first_rows=torch.cat([p.first_rows for p in parts]),
+            target_logprobs=cat("target_logprobs"),
+            tail_logmass=cat("tail_logmass"),
+            target_ranks=cat("target_ranks"),
+            metadata=dict(parts[0].metadata),
+        )
+
     def validate(self) -> None:
         n = int(self.token_ids.shape[0])
         if self.token_ids.dim() != 2 or self.logprobs.shape != self.token_ids.shape:
@@ -77,7 +127,7 @@ class TopkFrame:
             raise FrameError(f"row_offsets must start at 0 and end at {n} rows")
         if self.first_rows.numel() != self.num_sequences:
             raise FrameError(f"{self.first_rows.numel()} first_rows for {self.num_sequences} sequences")
-        for name in ("target_logprobs", "tail_logmass"):
+        for name in _EXTRAS:
             extra = getattr(self, name)
             if extra is not None and tuple(extra.shape) != (n,):
                 raise FrameError(f"{name} has shape {tuple(extra.shape)}, expected ({n},)")
@@ -91,10 +141,11 @@ def encode_frame(frame: TopkFrame) -> bytes:
         "row_offsets": frame.row_offsets.to(torch.int64).contiguous(),
         "first_rows": frame.first_rows.to(torch.int64).contiguous(),
     }
-    for name in ("target_logprobs", "tail_logmass"):
+    for name in _EXTRAS:
         extra = getattr(frame, name)
         if extra is not None:
-            tensors[name] = extra.to(torch.float32).contiguous()
+            dtype = torch.int32 if name == "target_ranks" else torch.float32
+            tensors[name] = extra.to(dtype).contiguous()
     metadata = {"format_version": str(FORMAT_VERSION), **frame.metadata}
     return save(tensors, metadata=metadata)
 
@@ -142,6 +193,7 @@ def decode_frame(data: bytes | bytearray | memoryview) -> TopkFrame:
         first_rows=tensors["first_rows"],
         target_logprobs=tensors.get("target_logprobs"),
         tail_logmass=tensors.get("tail_logmass"),
+        target_ranks=tensors.get("target_ranks"),
         metadata=metadata,
     )
     frame.validate()

@@ -51,11 +51,38 @@ def parse_config(argv: Sequence[str] | None = None) -> ServiceConfig:
         raise  # unreachable: parser.error exits
 
 
+def configure_logging(level: str, fmt: str) -> None:
+    """Root logging with the request id on every line; ``json`` gives one JSON object per line."""
+    from teacher_service.middleware import RequestIdFilter
+
+    handler = logging.StreamHandler()
+    handler.addFilter(RequestIdFilter())
+    if fmt == "json":
+        from pythonjsonlogger.json import JsonFormatter
+
+        handler.setFormatter(JsonFormatter("%(asctime)s %(levelname)s %(name)s %(request_id)s %(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     import uvicorn
 
     from teacher_service.app import create_app
 
     config = parse_config(argv)
-    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(config), host=config.host, port=config.port, log_level=config.log_level)
+    configure_logging(config.log_level, config.log_format)
+    try:
+        app = create_app(config)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"teacher_service: {exc}") from exc
+    uvicorn.run(
+        app,
+        host=config.host,
+        port=config.port,
+        log_level=config.log_level,
+        log_config=None,  # keep the root handler above: request ids, JSON
+        access_log=False,  # the request middleware logs each request once, with its id
+        timeout_graceful_shutdown=config.drain_timeout,
+    )

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, Field
+
+API_KEY_ENV = "TEACHER_API_KEY"
+"""Environment variable read for the API key when no --api-key-file is given (the trainer reads the same)."""
 
 DEFAULT_PORT = 8000
 """vLLM's default port, so `--teacher_url http://127.0.0.1:8000` works against either server."""
@@ -31,4 +36,28 @@ class ServiceConfig(BaseModel):
     max_tokens: int = Field(default=131072, ge=2, description="Tokens per request, summed over sequences.")
     max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024, description="Request body limit (413 above).")
     max_batch_tokens: int = Field(default=8192, ge=2, description="Padded tokens per forward pass (memory bound).")
+    batch_wait_ms: float = Field(
+        default=5.0, ge=0, description="How long the micro-batcher waits for concurrent requests to join a batch."
+    )
+    max_queue: int = Field(
+        default=256, ge=1, description="Scoring requests queued or running; more are answered 429 with Retry-After."
+    )
+    api_key_file: str | None = Field(
+        default=None,
+        description="File holding the API key clients must send as `Authorization: Bearer <key>` on /v1 routes; "
+        f"the environment variable {API_KEY_ENV} works too. Unset: no authentication.",
+    )
+    drain_timeout: float = Field(
+        default=30.0, ge=0, description="Seconds SIGTERM waits for in-flight requests before the process exits."
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field(default="info", description="Log verbosity.")
+    log_format: Literal["text", "json"] = Field(default="text", description="json: one JSON object per log line.")
+
+    def api_key(self) -> str | None:
+        """The configured key (file first, then environment), never logged."""
+        if self.api_key_file:
+            key = Path(self.api_key_file).read_text().strip()
+            if not key:
+                raise ValueError(f"--api-key-file {self.api_key_file} is empty")
+            return key
+        return os.environ.get(API_KEY_ENV) or None

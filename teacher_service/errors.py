@@ -28,6 +28,10 @@ _TYPES = {
 }
 
 
+def error_type(status: int) -> str:
+    return _TYPES.get(status, "Error")
+
+
 class ServiceError(Exception):
     """A failure with a status and, for the caller's mistakes, the offending field."""
 
@@ -44,7 +48,7 @@ class ServiceError(Exception):
 def error_response(
     status: int, message: str, param: str | None = None, headers: dict[str, str] | None = None
 ) -> JSONResponse:
-    body = ErrorResponse(error=ErrorDetail(message=message, type=_TYPES.get(status, "Error"), param=param, code=status))
+    body = ErrorResponse(error=ErrorDetail(message=message, type=error_type(status), param=param, code=status))
     return JSONResponse(body.model_dump(), status_code=status, headers=headers)
 
 

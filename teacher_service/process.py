@@ -24,7 +24,10 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 class TeacherProcess:
-    """``python -m teacher_service`` on a free loopback port; a context manager that always stops it."""
+    """``python -m teacher_service`` on a free loopback port; a context manager that always stops it.
+
+    ``start`` returns once ``/ready`` answers 200 (engine loaded and warmed up).
+    """
 
     def __init__(
         self,
@@ -69,7 +72,7 @@ class TeacherProcess:
                     + (f"; see {self.log_path}" if self.log_path else "")
                 )
             try:
-                if httpx.get(f"{self.url}/health", timeout=2.0).status_code == 200:
+                if httpx.get(f"{self.url}/ready", timeout=2.0).status_code == 200:
                     logger.info("teacher service ready at %s", self.url)
                     return self
             except httpx.TransportError:

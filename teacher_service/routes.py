@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
 import orjson
 import torch
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Request, Response
 
 from shared.codec import LOGPROB_DTYPES, TopkFrame, encode_frame
 from shared.protocol import (
@@ -22,6 +20,7 @@ from shared.protocol import (
 )
 from teacher_service.body import parse_json_body
 from teacher_service.config import ServiceConfig
+from teacher_service.deps import AdmissionDep, Config, Engine, Metrics, ScorerDep
 from teacher_service.engines.base import ScoreJob, TeacherEngine
 from teacher_service.errors import ServiceError
 
@@ -29,23 +28,6 @@ router = APIRouter()
 
 JSON_NEG_INF = -9999.0
 """JSON has no -inf; vLLM sends -9999.0 in its place, and so do we (binary frames keep -inf)."""
-
-
-def get_engine(request: Request) -> TeacherEngine:
-    return request.app.state.engine
-
-
-def get_config(request: Request) -> ServiceConfig:
-    return request.app.state.config
-
-
-Engine = Annotated[TeacherEngine, Depends(get_engine)]
-Config = Annotated[ServiceConfig, Depends(get_config)]
-
-
-@router.get("/health")
-async def health() -> dict[str, str]:
-    return {"status": "ok"}
 
 
 @router.get("/v1/models")
@@ -83,28 +65,37 @@ def check_model_name(requested: str | None, engine: TeacherEngine) -> None:
         )
 
 
+def validate_sequences(
+    sequences: list[list[int]], engine: TeacherEngine, config: ServiceConfig, param: str = "sequences", min_len: int = 2
+) -> None:
+    """Count, size and token-id checks shared by every scoring route."""
+    if len(sequences) > config.max_sequences:
+        raise ServiceError(413, f"{len(sequences)} sequences exceed the limit of {config.max_sequences}", param)
+    total = sum(len(s) for s in sequences)
+    if total > config.max_tokens:
+        raise ServiceError(413, f"{total} tokens exceed the limit of {config.max_tokens}", param)
+    vocab, max_len = engine.vocab_size, engine.max_model_len
+    for i, seq in enumerate(sequences):
+        if len(seq) < min_len:
+            raise ServiceError(
+                400, f"{param}[{i}] has {len(seq)} tokens; at least {min_len} are needed", f"{param}[{i}]"
+            )
+        if max_len and len(seq) > max_len:
+            raise ServiceError(
+                400, f"{param}[{i}] has {len(seq)} tokens, more than the model's {max_len}", f"{param}[{i}]"
+            )
+        lo, hi = min(seq), max(seq)
+        if lo < 0 or hi >= vocab:
+            bad = lo if lo < 0 else hi
+            raise ServiceError(400, f"{param}[{i}] holds token id {bad} outside [0, {vocab})", f"{param}[{i}]")
+
+
 def validate_against_limits(req: TopkRequest, engine: TeacherEngine, config: ServiceConfig) -> None:
     """Checks that need the served model or the service limits (the schema checks the rest)."""
     check_model_name(req.model, engine)
     if req.top_k > config.max_top_k:
         raise ServiceError(400, f"top_k={req.top_k} exceeds this teacher's maximum of {config.max_top_k}", "top_k")
-    if len(req.sequences) > config.max_sequences:
-        raise ServiceError(
-            413, f"{len(req.sequences)} sequences exceed the limit of {config.max_sequences}", "sequences"
-        )
-    total = sum(len(s) for s in req.sequences)
-    if total > config.max_tokens:
-        raise ServiceError(413, f"{total} tokens exceed the limit of {config.max_tokens}", "sequences")
-    vocab, max_len = engine.vocab_size, engine.max_model_len
-    for i, seq in enumerate(req.sequences):
-        if max_len and len(seq) > max_len:
-            raise ServiceError(
-                400, f"sequences[{i}] has {len(seq)} tokens, more than the model's {max_len}", f"sequences[{i}]"
-            )
-        lo, hi = min(seq), max(seq)
-        if lo < 0 or hi >= vocab:
-            bad = lo if lo < 0 else hi
-            raise ServiceError(400, f"sequences[{i}] holds token id {bad} outside [0, {vocab})", f"sequences[{i}]")
+    validate_sequences(req.sequences, engine, config)
 
 
 def wants_json(request: Request) -> bool:
@@ -139,7 +130,9 @@ def frame_to_json(frame: TopkFrame, model: str, vocab_size: int) -> TopkJsonResp
         "requestBody": {"required": True, "content": {"application/json": {"schema": TopkRequest.model_json_schema()}}}
     },
 )
-async def topk_logprobs(request: Request, engine: Engine, config: Config) -> Response:
+async def topk_logprobs(
+    request: Request, engine: Engine, scorer: ScorerDep, admission: AdmissionDep, config: Config, metrics: Metrics
+) -> Response:
     """Top-k teacher log-probs for every requested row of every sequence (binary frame by default)."""
     req = await parse_json_body(request, TopkRequest, config.max_body_bytes)
     validate_against_limits(req, engine, config)
@@ -150,10 +143,14 @@ async def topk_logprobs(request: Request, engine: Engine, config: Config) -> Res
         want_target_logprobs=req.return_target_logprobs,
         want_tail_logmass=req.return_tail_logmass,
     )
-    frame = await engine.score(job)
+    with admission.slot():
+        frame = await scorer.score(job)
+    metrics.rows.inc(int(frame.token_ids.shape[0]))
+    metrics.tokens.inc(job.num_tokens)
     if wants_json(request):
         body = frame_to_json(frame, engine.served_model_name, engine.vocab_size)
         return Response(orjson.dumps(body.model_dump(exclude_none=True)), media_type="application/json")
+    frame.target_ranks = None  # used by the vLLM-compatible JSON answer only
     frame.logprobs = frame.logprobs.to(LOGPROB_DTYPES[req.logprobs_dtype])
     frame.metadata = {
         "model": engine.served_model_name,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
+from typing import Any
 
 from shared.codec import TopkFrame
 
@@ -17,6 +18,7 @@ class ScoreJob:
     top_k: int
     want_target_logprobs: bool = False
     want_tail_logmass: bool = False
+    """With ``want_target_logprobs`` the engine also fills ``target_ranks`` (1-based) where it can."""
 
     @property
     def num_tokens(self) -> int:
@@ -27,6 +29,8 @@ class TeacherEngine(abc.ABC):
     """A loaded teacher model that returns raw (temperature 1) top-k log-probs per position."""
 
     engine_name: str = "abstract"
+    batches_internally: bool = False
+    """True when the engine schedules concurrent requests itself (vLLM); else the service micro-batches."""
 
     def __init__(self, served_model_name: str) -> None:
         self.served_model_name = served_model_name
@@ -43,6 +47,11 @@ class TeacherEngine(abc.ABC):
     @property
     @abc.abstractmethod
     def max_model_len(self) -> int: ...
+
+    @property
+    def tokenizer(self) -> Any | None:
+        """The served model's HF tokenizer, for text prompts and decoded tokens in vLLM-style answers."""
+        return None
 
     async def start(self) -> None:
         """Load weights and warm up; the service reports ready only after this returns."""

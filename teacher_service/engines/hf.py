@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -20,37 +22,52 @@ logger = logging.getLogger(__name__)
 _TORCH_DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+@dataclass
+class RowTopk:
+    """Per-row results of :func:`topk_rows`; extras are None unless asked for."""
+
+    ids: torch.Tensor  # int32 [N, k]
+    logprobs: torch.Tensor  # float32 [N, k]
+    target_logprobs: torch.Tensor | None = None  # float32 [N]
+    target_ranks: torch.Tensor | None = None  # int32 [N], 1-based
+    tail_logmass: torch.Tensor | None = None  # float32 [N]
+
+
 def topk_rows(
     logits: torch.Tensor,
     top_k: int,
     targets: torch.Tensor | None = None,
     want_tail: bool = False,
     row_chunk: int = 1024,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+) -> RowTopk:
     """Top-k log-probs of ``logits`` [N, V] in row chunks, without a full [N, V] log-softmax.
 
-    Returns (ids int32 [N, k], logprobs float32 [N, k], target logprobs [N] or None,
-    tail log-mass [N] or None). The tail is the log-sum-exp of the logits outside the
-    top-k minus the normalizer: exact, with no 1 - sum(p) cancellation.
+    With ``targets`` [N], also the actual next token's log-prob and vocabulary rank.
+    The tail is the log-sum-exp of the logits outside the top-k minus the normalizer:
+    exact, with no 1 - sum(p) cancellation.
     """
     n = logits.shape[0]
-    ids = torch.empty(n, top_k, dtype=torch.int32)
-    lps = torch.empty(n, top_k, dtype=torch.float32)
-    tgt = torch.empty(n, dtype=torch.float32) if targets is not None else None
-    tail = torch.empty(n, dtype=torch.float32) if want_tail else None
+    out = RowTopk(torch.empty(n, top_k, dtype=torch.int32), torch.empty(n, top_k, dtype=torch.float32))
+    if targets is not None:
+        out.target_logprobs = torch.empty(n, dtype=torch.float32)
+        out.target_ranks = torch.empty(n, dtype=torch.int32)
+    if want_tail:
+        out.tail_logmass = torch.empty(n, dtype=torch.float32)
     for lo in range(0, n, row_chunk):
-        chunk = logits[lo : lo + row_chunk].float()
+        sl = slice(lo, lo + row_chunk)
+        chunk = logits[sl].float()
         lse = torch.logsumexp(chunk, dim=-1, keepdim=True)
         vals, idx = torch.topk(chunk, top_k, dim=-1, sorted=True)
-        ids[lo : lo + row_chunk] = idx.to(torch.int32).cpu()
-        lps[lo : lo + row_chunk] = (vals - lse).cpu()
-        if targets is not None and tgt is not None:
-            t = targets[lo : lo + row_chunk].to(chunk.device).unsqueeze(-1)
-            tgt[lo : lo + row_chunk] = (chunk.gather(-1, t) - lse).squeeze(-1).cpu()
-        if tail is not None:
+        out.ids[sl] = idx.to(torch.int32).cpu()
+        out.logprobs[sl] = (vals - lse).cpu()
+        if targets is not None and out.target_logprobs is not None and out.target_ranks is not None:
+            t_logit = chunk.gather(-1, targets[sl].to(chunk.device).unsqueeze(-1))
+            out.target_logprobs[sl] = (t_logit - lse).squeeze(-1).cpu()
+            out.target_ranks[sl] = ((chunk > t_logit).sum(-1) + 1).to(torch.int32).cpu()
+        if out.tail_logmass is not None:
             rest = torch.logsumexp(chunk.scatter(-1, idx, float("-inf")), dim=-1, keepdim=True)
-            tail[lo : lo + row_chunk] = (rest - lse).squeeze(-1).cpu()
-    return ids, lps, tgt, tail
+            out.tail_logmass[sl] = (rest - lse).squeeze(-1).cpu()
+    return out
 
 
 class HFEngine(TeacherEngine):
@@ -92,6 +109,10 @@ class HFEngine(TeacherEngine):
     def max_model_len(self) -> int:
         return self._max_len
 
+    @property
+    def tokenizer(self) -> Any:
+        return self._tokenizer
+
     def load(self) -> None:
         model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=_TORCH_DTYPES[self.dtype])
         model.to(self.device).eval()
@@ -122,7 +143,7 @@ class HFEngine(TeacherEngine):
         with self._lock, torch.inference_mode():
             for lo, hi in self._token_budget_chunks(job.sequences):
                 parts.append(self._score_chunk(job, lo, hi))
-        return _concat_frames(parts, job)
+        return TopkFrame.concat(parts)
 
     def _token_budget_chunks(self, sequences: list[list[int]]) -> list[tuple[int, int]]:
         """Split the batch so a padded forward stays under ``max_batch_tokens``."""
@@ -151,31 +172,13 @@ class HFEngine(TeacherEngine):
         b_idx, t_idx = padded_positions(mask, firsts)
         rows = logits[b_idx.to(self.device), t_idx.to(self.device)]
         targets = input_ids[b_idx, t_idx + 1] if job.want_target_logprobs else None
-        ids, lps, tgt, tail = topk_rows(rows, job.top_k, targets, job.want_tail_logmass)
+        res = topk_rows(rows, job.top_k, targets, job.want_tail_logmass)
         return TopkFrame(
-            token_ids=ids,
-            logprobs=lps,
+            token_ids=res.ids,
+            logprobs=res.logprobs,
             row_offsets=row_offsets([len(s) for s in seqs], firsts),
             first_rows=torch.tensor(firsts, dtype=torch.int64),
-            target_logprobs=tgt,
-            tail_logmass=tail,
+            target_logprobs=res.target_logprobs,
+            tail_logmass=res.tail_logmass,
+            target_ranks=res.target_ranks,
         )
-
-
-def _concat_frames(parts: list[TopkFrame], job: ScoreJob) -> TopkFrame:
-    if len(parts) == 1:
-        return parts[0]
-    offsets = row_offsets([len(s) for s in job.sequences], job.first_rows)
-
-    def cat(name: str) -> torch.Tensor | None:
-        tensors = [getattr(p, name) for p in parts]
-        return None if tensors[0] is None else torch.cat(tensors)
-
-    return TopkFrame(
-        token_ids=torch.cat([p.token_ids for p in parts]),
-        logprobs=torch.cat([p.logprobs for p in parts]),
-        row_offsets=offsets,
-        first_rows=torch.tensor(job.first_rows, dtype=torch.int64),
-        target_logprobs=cat("target_logprobs"),
-        tail_logmass=cat("tail_logmass"),
-    )

@@ -1,0 +1,68 @@
+"""FastAPI dependencies: what a route needs from ``app.state``, checked once per request."""
+
+from __future__ import annotations
+
+import secrets
+from typing import Annotated, Protocol
+
+from fastapi import Depends, Request
+
+from shared.codec import TopkFrame
+from teacher_service.config import ServiceConfig
+from teacher_service.engines.base import ScoreJob, TeacherEngine
+from teacher_service.errors import ServiceError
+from teacher_service.metrics import ServiceMetrics
+from teacher_service.scheduling import Admission
+
+NOT_READY_RETRY_AFTER_S = 5
+
+
+class Scorer(Protocol):
+    async def score(self, job: ScoreJob) -> TopkFrame: ...
+
+
+def get_config(request: Request) -> ServiceConfig:
+    return request.app.state.config
+
+
+def get_metrics(request: Request) -> ServiceMetrics:
+    return request.app.state.metrics
+
+
+def get_engine(request: Request) -> TeacherEngine:
+    """The engine, once it is loaded and warmed up; 503 + Retry-After before that."""
+    if not request.app.state.ready:
+        raise ServiceError(
+            503, "the teacher is still loading its model", headers={"Retry-After": str(NOT_READY_RETRY_AFTER_S)}
+        )
+    return request.app.state.engine
+
+
+def get_scorer(request: Request, engine: Annotated[TeacherEngine, Depends(get_engine)]) -> Scorer:
+    return request.app.state.scorer
+
+
+def get_admission(request: Request) -> Admission:
+    return request.app.state.admission
+
+
+def require_api_key(request: Request) -> None:
+    """Bearer-token check for /v1 routes when a key is configured (constant-time compare)."""
+    expected: str | None = request.app.state.api_key
+    if expected is None:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), expected.encode()):
+        raise ServiceError(
+            401,
+            "missing or invalid API key (send `Authorization: Bearer <key>`)",
+            "authorization",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+
+Config = Annotated[ServiceConfig, Depends(get_config)]
+Engine = Annotated[TeacherEngine, Depends(get_engine)]
+ScorerDep = Annotated[Scorer, Depends(get_scorer)]
+AdmissionDep = Annotated[Admission, Depends(get_admission)]
+Metrics = Annotated[ServiceMetrics, Depends(get_metrics)]

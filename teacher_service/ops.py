@@ -1,0 +1,35 @@
+"""Operational routes: liveness, readiness, Prometheus metrics (no API key: probes and scrapers use them)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from teacher_service.deps import NOT_READY_RETRY_AFTER_S, Metrics
+from teacher_service.errors import error_response
+
+router = APIRouter()
+
+
+@router.get("/health")
+async def health() -> dict[str, str]:
+    """Liveness: the process serves HTTP (the engine may still be loading)."""
+    return {"status": "ok"}
+
+
+@router.get("/ready", response_model=None)
+async def ready(request: Request) -> Response | dict[str, str]:
+    """Readiness: the engine is loaded and warmed up."""
+    if not request.app.state.ready:
+        return error_response(
+            503, "the teacher is still loading its model", headers={"Retry-After": str(NOT_READY_RETRY_AFTER_S)}
+        )
+    return {"status": "ready"}
+
+
+@router.get("/metrics")
+async def metrics(request: Request, m: Metrics) -> Response:
+    scorer = request.app.state.scorer
+    m.queue_depth.set(getattr(scorer, "depth", 0))
+    m.inflight.set(request.app.state.admission.active)
+    return Response(m.render(), media_type=CONTENT_TYPE_LATEST)
