@@ -39,6 +39,9 @@ class ServiceConfig(BaseModel):
     batch_wait_ms: float = Field(
         default=5.0, ge=0, description="How long the micro-batcher waits for concurrent requests to join a batch."
     )
+    max_batch_requests: int = Field(
+        default=64, ge=1, description="Requests merged into one forward pass by the micro-batcher; 1 disables merging."
+    )
     max_queue: int = Field(
         default=256, ge=1, description="Scoring requests queued or running; more are answered 429 with Retry-After."
     )

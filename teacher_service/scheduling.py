@@ -54,9 +54,15 @@ class MicroBatcher:
     """Groups concurrent :class:`ScoreJob` into one engine call; one batch runs at a time."""
 
     def __init__(
-        self, engine: TeacherEngine, max_batch_tokens: int, max_wait_s: float, metrics: ServiceMetrics | None = None
+        self,
+        engine: TeacherEngine,
+        max_batch_tokens: int,
+        max_wait_s: float,
+        max_batch_requests: int = 64,
+        metrics: ServiceMetrics | None = None,
     ) -> None:
         self.engine, self.max_batch_tokens, self.max_wait_s = engine, max_batch_tokens, max_wait_s
+        self.max_batch_requests = max_batch_requests
         self.metrics = metrics
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._carry: deque[_Pending] = deque()
@@ -98,7 +104,7 @@ class MicroBatcher:
         batch, tokens = [first], first.job.num_tokens
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.max_wait_s
-        while tokens < self.max_batch_tokens:
+        while tokens < self.max_batch_tokens and len(batch) < self.max_batch_requests:
             nxt = await self._next(max(deadline - loop.time(), 0.0))
             if nxt is None:
                 break
