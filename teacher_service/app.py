@@ -55,8 +55,9 @@ async def _load_engine(app: FastAPI, engine: TeacherEngine, config: ServiceConfi
     if engine.batches_internally:
         app.state.scorer = engine
     else:
-        batcher = MicroBatcher(engine, config.max_batch_tokens, config.batch_wait_ms / 1000,
-                               config.max_batch_requests, app.state.metrics)
+        batcher = MicroBatcher(
+            engine, config.max_batch_tokens, config.batch_wait_ms / 1000, config.max_batch_requests, app.state.metrics
+        )
         batcher.start()
         app.state.scorer = batcher
     app.state.ready = True

@@ -68,3 +68,14 @@ def test_encode_rejects_inconsistent_offsets() -> None:
     frame.row_offsets = torch.tensor([0, 3, 6])
     with pytest.raises(FrameError, match="row_offsets"):
         encode_frame(frame)
+
+
+def test_select_and_concat_are_inverse() -> None:
+    frame = _frame(torch.float32, True)
+    first, second = frame.select(0, 1), frame.select(1, 2, top_k=3)
+    assert first.row_offsets.tolist() == [0, 3] and second.row_offsets.tolist() == [0, 4]
+    assert second.token_ids.shape == (4, 3) and torch.equal(second.token_ids, frame.token_ids[3:, :3])
+    assert second.first_rows.tolist() == [2]
+    joined = TopkFrame.concat([frame.select(0, 1), frame.select(1, 2)])
+    for name in ("token_ids", "logprobs", "row_offsets", "first_rows", "target_logprobs", "tail_logmass"):
+        assert torch.equal(getattr(joined, name), getattr(frame, name)), name

@@ -126,6 +126,10 @@ def test_handshake_refuses_other_tokenizer(teacher_server: TeacherProcess, engin
     [
         ({"sequences": [], "top_k": 2}, 400, "sequences"),
         ({"sequences": [[1]], "top_k": 2}, 400, "sequences"),
+        ({"sequences": [[]], "top_k": 2}, 400, "sequences"),
+        ({"sequences": [[1, 2]]}, 400, "top_k"),
+        ({"sequences": [[1, 2]], "top_k": "many"}, 400, "top_k"),
+        ({"sequences": "1 2 3", "top_k": 2}, 400, "sequences"),
         ({"sequences": [[1, "x"]], "top_k": 2}, 400, "sequences[0][1]"),
         ({"sequences": [[1, -3]], "top_k": 2}, 400, "sequences[0]"),
         ({"sequences": [[1, 10**6]], "top_k": 2}, 400, "sequences[0]"),
@@ -159,6 +163,15 @@ def test_malformed_bodies(teacher_server: TeacherProcess) -> None:
     assert resp.status_code == 415 and resp.json()["error"]["param"] == "content-type"
     resp = httpx.post(url, content=b"[" + b"1," * 40000 + b"1]", headers={"content-type": "application/json"})
     assert resp.status_code == 413
+
+    def chunked():  # no Content-Length: the limit applies while streaming
+        yield b'{"sequences": [['
+        for _ in range(2000):
+            yield b"1," * 50
+        yield b'1]], "top_k": 2}'
+
+    resp = httpx.post(url, content=chunked(), headers={"content-type": "application/json"})
+    assert resp.status_code == 413 and "exceeds the limit" in resp.json()["error"]["message"]
     assert httpx.get(f"{teacher_server.url}/nope").json()["error"]["code"] == 404
 
 
