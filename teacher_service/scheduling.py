@@ -135,18 +135,20 @@ class MicroBatcher:
             self.metrics.observe_batch(len(jobs), len(merged.sequences), merged.num_tokens)
         try:
             frame = await self.engine.score(merged)
-        except Exception as exc:  # every caller of the batch gets the engine's error, raised in its request
+            results, lo = [], 0
+            for p in batch:
+                hi = lo + len(p.job.sequences)
+                results.append(_only_requested(frame.select(lo, hi, p.job.top_k), p.job))
+                lo = hi
+        except Exception as exc:  # every caller of the batch gets the error, raised in its own request
             logger.exception("engine failed on a batch of %d requests", len(jobs))
             for p in batch:
                 if not p.future.done():
                     p.future.set_exception(exc)
             return
-        lo = 0
-        for p in batch:
-            hi = lo + len(p.job.sequences)
+        for p, result in zip(batch, results, strict=True):
             if not p.future.done():
-                p.future.set_result(_only_requested(frame.select(lo, hi, p.job.top_k), p.job))
-            lo = hi
+                p.future.set_result(result)
 
 
 def _only_requested(frame: TopkFrame, job: ScoreJob) -> TopkFrame:

@@ -20,6 +20,7 @@ class FakeEngine(TeacherEngine):
         self.loaded = asyncio.Event()
         self.release_start = True
         self.calls: list[int] = []
+        self.fail_next = False
 
     @property
     def vocab_size(self) -> int:
@@ -41,6 +42,9 @@ class FakeEngine(TeacherEngine):
     async def score(self, job: ScoreJob) -> TopkFrame:
         self.calls.append(len(job.sequences))
         await asyncio.sleep(self.delay_s)
+        if self.fail_next:
+            self.fail_next = False
+            raise RuntimeError("simulated engine failure")
         offsets = row_offsets([len(s) for s in job.sequences], job.first_rows)
         n = int(offsets[-1])
         ids = torch.arange(job.top_k, dtype=torch.int32).repeat(n, 1)

@@ -184,3 +184,25 @@ def test_sigterm_drains_in_flight_requests(tiny_assets: TinyAssets, tmp_path) ->
         assert decode_frame(resp.content).token_ids.shape == (96 * 199, 8)
     finally:
         proc.stop()
+
+
+def test_engine_failure_is_a_500_for_its_batch_and_the_service_recovers(caplog: pytest.LogCaptureFixture) -> None:
+    engine = FakeEngine(delay_s=0.05)
+    with serve_in_thread(create_app(ServiceConfig(model="unused", batch_wait_ms=50), engine=engine)) as url:
+        _wait_ready(url)
+        engine.fail_next = True
+
+        async def pair() -> list[httpx.Response]:
+            async with httpx.AsyncClient(timeout=30) as client:
+                return await asyncio.gather(*[client.post(f"{url}/v1/topk_logprobs", json=BODY) for _ in range(2)])
+
+        failed = asyncio.run(pair())
+        assert [r.status_code for r in failed] == [500, 500]
+        assert failed[0].json()["error"] == {
+            "message": "internal error: RuntimeError",
+            "type": "InternalServerError",
+            "param": None,
+            "code": 500,
+        }
+        assert httpx.post(f"{url}/v1/topk_logprobs", json=BODY).status_code == 200
+    assert "simulated engine failure" in caplog.text
