@@ -165,6 +165,9 @@ def frame_from_prompt_logprobs(prompt_logprobs: Sequence[Any], job: ScoreJob) ->
 class VLLMEngine(TeacherEngine):
     """vLLM ``AsyncLLM`` in this process's event loop; its engine core and workers are child processes.
 
+    They are started with spawn (vLLM forces it on CPU), which re-imports the parent's ``__main__``:
+    a script embedding this engine needs an ``if __name__ == "__main__":`` guard, as
+    ``python -m teacher_service`` and pytest have. All calls must come from the loop that ran ``start()``.
     Settings fixed for scoring: ``max_logprobs`` = the service's largest k (vLLM refuses more),
     prefix caching off (prompt log-probs skip it anyway, and one known bug made results depend on
     request order), raw (temperature 1) log-probs.
