@@ -40,6 +40,22 @@ def build_engine(config: ServiceConfig) -> TeacherEngine:
             device=config.device,
             max_batch_tokens=config.max_batch_tokens,
         )
+    if config.engine == "vllm":
+        # Imported here: vLLM is an optional extra (a multi-GB install), not needed by the default engine.
+        from teacher_service.engines.vllm import VLLMEngine
+
+        return VLLMEngine(
+            config.model,
+            served_model_name=config.served_model_name,
+            max_top_k=config.max_top_k,
+            dtype=config.dtype,
+            tensor_parallel_size=config.tensor_parallel_size,
+            data_parallel_size=config.data_parallel_size,
+            gpu_memory_utilization=config.gpu_memory_utilization,
+            max_model_len=config.max_model_len,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            enforce_eager=config.enforce_eager,
+        )
     raise ValueError(f"--engine {config.engine!r} is not available")
 
 

