@@ -177,6 +177,7 @@ class VLLMEngine(TeacherEngine):
     """
 
     engine_name = "vllm"
+    batches_internally = True  # vLLM's scheduler merges concurrent requests itself
 
     def __init__(
         self,
