@@ -33,7 +33,9 @@ def chunked_logsumexp(
     """
     parts = []
     for i in range(0, logits.shape[0], row_chunk):
-        chunk = _acc(logits[i : i + row_chunk]) * scale
+        chunk = _acc(logits[i : i + row_chunk])
+        if scale != 1.0:
+            chunk = chunk * scale
         if exclude is not None:
             chunk = chunk.scatter(-1, exclude[i : i + row_chunk].long(), float("-inf"))
         parts.append(torch.logsumexp(chunk, dim=-1))
@@ -61,21 +63,20 @@ class _ChosenLogProbs(torch.autograd.Function):
         k = ids.shape[1]
         g = _acc(grad_out)
         g_sum = g.sum(dim=-1, keepdim=True)  # every column's normaliser is the full softmax
-        # d out[:, j] / d z = onehot(ids_j) - p;  d tail / d z = [v not in ids] p_v / p_tail - p
+        # d out[:, j]/dz = onehot(ids_j) - p;  d tail/dz_v = [v not in ids] p_v / p_tail - p_v.
+        # Outside the ids both are multiples of exp(z - base) with base = log(tail mass) where the
+        # row has a tail (then p_v = exp(z_v - base) * p_tail): one exp pass per chunk, no masked copy.
         at_ids = g[:, :k] - g_sum * out[:, :k].exp()
+        base, coef = lse.unsqueeze(-1), -g_sum
         if ctx.with_tail:
-            g_tail = g[:, k : k + 1]
-            # a row whose ids cover the vocabulary has lse_rest = -inf and no tail gradient
-            lse_rest = torch.where(torch.isfinite(rest[0]), rest[0], torch.zeros_like(rest[0])).unsqueeze(-1)
+            has_tail = torch.isfinite(rest[0]).unsqueeze(-1)
+            base = torch.where(has_tail, rest[0].unsqueeze(-1), base)
+            coef = torch.where(has_tail, g[:, k : k + 1] - g_sum * out[:, k : k + 1].exp(), coef)
         grad = torch.empty_like(logits)
         for i in range(0, logits.shape[0], ROW_CHUNK):
             rows = slice(i, i + ROW_CHUNK)
-            z = _acc(logits[rows])
-            chunk = torch.sub(z, lse[rows].unsqueeze(-1)).exp_().mul_(-g_sum[rows])
-            if ctx.with_tail:
-                q = z.scatter(-1, ids[rows], float("-inf")).sub_(lse_rest[rows]).exp_()
-                chunk.add_(q.mul_(g_tail[rows]))
-            chunk.scatter_(-1, ids[rows], at_ids[rows])
+            chunk = torch.sub(_acc(logits[rows]), base[rows]).exp_().mul_(coef[rows])
+            chunk.scatter_(-1, ids[rows], at_ids[rows])  # overwrites entries that may have overflowed
             grad[rows] = chunk
         return grad, None, None
 

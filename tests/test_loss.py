@@ -185,3 +185,18 @@ def test_topk_loss_gradient_matches_float64_autograd(tail: str) -> None:
     ref = 0.5 * (t_log.exp() * (t_log - m)).sum(-1) + 0.5 * (s_log.exp() * (s_log - m)).sum(-1)
     ref.sum().backward()
     torch.testing.assert_close(s32.grad.double(), s64.grad, atol=1e-6, rtol=1e-4)
+
+
+def test_chosen_logprobs_gradient_with_a_vanishing_tail_is_finite_and_right() -> None:
+    """Rows whose mass sits on the chosen ids (tail ~ e^-120): no overflow leaks into the gradient."""
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randn(6, 50, generator=gen)
+    ids = torch.stack([torch.randperm(50, generator=gen)[:5] for _ in range(6)])
+    logits.scatter_(-1, ids[:3], 120.0)  # three peaked rows
+    weights = torch.randn(6, 6, generator=gen)
+    x32 = logits.clone().requires_grad_(True)
+    (chosen_logprobs(x32, ids, with_tail=True) * weights).sum().backward()
+    x64 = logits.double().requires_grad_(True)
+    (chosen_logprobs(x64, ids, with_tail=True) * weights.double()).sum().backward()
+    assert torch.isfinite(x32.grad).all()
+    torch.testing.assert_close(x32.grad.double(), x64.grad, atol=1e-5, rtol=1e-4)
