@@ -46,6 +46,21 @@ def test_checkpoint_position_is_the_last_consumed_batch_not_the_read_ahead() -> 
     assert [b.sequences for b, _ in taken] == [r.sequences for r in requested[:4]]
 
 
+def test_depth_zero_requests_only_what_is_consumed() -> None:
+    requested = []
+    feed = TeacherFeed(
+        iter(batches()),
+        lambda b: requested.append(b) or Deferred(lambda: None),
+        depth=0,
+        micro_per_step=2,
+        first_step=1,
+        ahead=lambda step: True,
+    )
+    assert requested == []
+    feed.take(2)
+    assert len(requested) == 2 and feed.consumed_state == {"epoch": 0, "index": 8}
+
+
 def test_only_dataset_steps_are_requested_ahead() -> None:
     requested = []
     feed = TeacherFeed(

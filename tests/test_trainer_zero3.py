@@ -88,7 +88,8 @@ def test_two_rank_zero3_step_equals_full_batch_gradient(tiny_assets: TinyAssets,
 def test_on_policy_steps_under_zero3_against_the_service(
     tiny_assets: TinyAssets, teacher_server: TeacherProcess, tmp_path: Path
 ) -> None:
-    """lmbda=1: every step trains on student samples (generated with gathered ZeRO-3 shards), scored by the service."""
+    """lmbda=1: every step trains on student samples (generated with gathered ZeRO-3 shards), scored by the service;
+    then the held-out evaluation, sharded over the ranks."""
     proc = launch(
         tiny_assets,
         tmp_path,
@@ -108,11 +109,17 @@ def test_on_policy_steps_under_zero3_against_the_service(
         "8",
         "--generation_temperature",
         "1.0",
+        "--eval_file",
+        str(tiny_assets.eval_file),
+        "--eval_batch_size",
+        "64",
     )
     assert proc.returncode == 0, failure_output(proc)
     log = read_jsonl(tmp_path / "train_log.jsonl")
     assert [r["on_policy_steps"] for r in log] == [1, 1, 1]
     assert all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in log)
+    (final_eval,) = read_jsonl(tmp_path / "eval_log.jsonl")  # at the end, ZeRO-3 ranks in step
+    assert final_eval["step"] == 3 and math.isfinite(final_eval["kl_topk"]) and final_eval["tokens"] > 0
     got = load_file(tmp_path / "final" / "model.safetensors")
     before = load_file(Path(tiny_assets.student) / "model.safetensors")
     assert {n: t.shape for n, t in got.items()} == {n: t.shape for n, t in before.items()}
