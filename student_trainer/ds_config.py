@@ -57,7 +57,3 @@ def load_deepspeed_config(path: str | Path, bf16: bool = False) -> dict[str, Any
             raise DeepSpeedConfigError("--bf16: this machine has no GPU with bf16 support; train in fp32 without it")
         config["bf16"] = {**config.get("bf16", {}), "enabled": True}
     return config
-
-
-def zero_stage(config: dict[str, Any]) -> int:
-    return int(config.get("zero_optimization", {}).get("stage", 0))

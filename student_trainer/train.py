@@ -20,7 +20,6 @@ from student_trainer.checkpoint import CHECKPOINTS_DIR, load_checkpoint, resolve
 from student_trainer.client import TOKENIZER_PROBE, make_client
 from student_trainer.config import describe, parse_args
 from student_trainer.data import Batch, ShardedBatches, load_jsonl
-from student_trainer.ds_config import zero_stage
 from student_trainer.errors import TeacherError
 from student_trainer.evaluate import sharded_eval
 from student_trainer.feed import TeacherFeed
@@ -71,7 +70,7 @@ def export_pretrained(engine: Any, model: torch.nn.Module, tokenizer: Any, out: 
     import deepspeed
 
     state = None
-    if zero_stage(engine.config) == 3:
+    if engine.zero_optimization_stage() == 3:
         state = {}
         for name, param in model.named_parameters():
             with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
@@ -131,7 +130,7 @@ def _generated(
     }
     if source == "student":
         completions = generate_completions(
-            engine.module.model, prompts, synced_gpus=zero_stage(engine.config) == 3, **kwargs
+            engine.module.model, prompts, synced_gpus=engine.zero_optimization_stage() == 3, **kwargs
         )
     else:
         assert isinstance(teacher, LocalTeacher)
@@ -178,7 +177,7 @@ def _train(
             world,
             micro,
             gas,
-            zero_stage(engine.config),
+            engine.zero_optimization_stage(),
             start_step + 1,
             args.max_steps,
         )
@@ -225,7 +224,7 @@ def _train(
     last: dict[str, float] = {}
 
     def reset_window() -> None:
-        window.update(loss=0.0, gkd=0.0, ce=0.0, tokens=0.0, wait=0.0, steps=0.0, on_policy=0.0)
+        window.update(loss=0.0, gkd=0.0, ce=0.0, tokens=0.0, wait=0.0, on_policy=0.0)
         window["t0"] = time.perf_counter()
 
     reset_window()
@@ -264,7 +263,6 @@ def _train(
                 window["loss"] += float(loss_sum.detach())
                 window["gkd"] += float(gkd_sum.detach())
             window["tokens"] += global_tokens
-            window["steps"] += 1
             window["on_policy"] += source == "student"
             if step % args.logging_steps == 0 or step == args.max_steps:
                 loss_all, gkd_all, ce_all = all_reduce_sum([window["loss"], window["gkd"], window["ce"]], device)
