@@ -9,7 +9,7 @@ Two treatments of the probability outside the teacher's top-k:
   (as TRL's server trainer). Renormalizing alone only matches the *shape* of the
   student's top-k and leaves how much mass it puts there unconstrained; with the tail
   class the student also learns to concentrate its mass where the teacher does. In the
-  demo (README) the student's held-out cross-entropy ends at 1.67 with ``tail`` and
+  demo (README) the student's held-out cross-entropy ends at 1.69 with ``tail`` and
   3.65 with ``renorm`` (teacher: 1.49). It costs a chunked log-sum-exp over the
   student's vocabulary and needs raw (temperature 1) teacher log-probs.
 - ``renorm``: both distributions renormalized over the teacher's top-k ids (as
