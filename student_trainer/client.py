@@ -1,4 +1,7 @@
-"""Asynchronous client for the teacher service: one request per micro-batch, state per instance.
+"""Asynchronous teacher clients: one request per micro-batch, state per instance.
+
+:class:`TeacherClient` speaks this project's service (binary frames);
+:class:`~student_trainer.vllm_client.VllmTeacherClient` speaks vLLM's ``/v1/completions``.
 
 The served model name and handshake are fetched once and cached on the instance
 (never in a module global, which would leak between trainers in one process).
@@ -12,6 +15,7 @@ import asyncio
 import logging
 import random
 from collections.abc import Sequence
+from typing import Any, TypeVar
 
 import httpx
 
@@ -31,8 +35,14 @@ logger = logging.getLogger(__name__)
 TRANSIENT_STATUS = frozenset({429, 502, 503, 504})
 
 
-class TeacherClient:
-    """Talks to one teacher service. Create one per trainer; use from a single event loop."""
+_C = TypeVar("_C", bound="HttpTeacher")
+
+TOKENIZER_PROBE = "GKD probe: The 3 quick foxes, 42 + 17 = 59; naïve café 東京 🙂\n\tend."
+"""Text whose token ids teacher and student must agree on (where a teacher publishes no fingerprint)."""
+
+
+class HttpTeacher:
+    """HTTP plumbing shared by the teacher clients: pooled connections, retries of transient failures."""
 
     def __init__(
         self,
@@ -58,9 +68,8 @@ class TeacherClient:
         self.max_retries = max_retries
         self.backoff_base = backoff_base
         self.backoff_max = backoff_max
-        self._info: TeacherInfo | None = None
 
-    async def __aenter__(self) -> TeacherClient:
+    async def __aenter__(self: _C) -> _C:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -111,13 +120,22 @@ class TeacherClient:
     @staticmethod
     def _error_from(resp: httpx.Response) -> TeacherError:
         try:
-            err = resp.json()["error"]
-            message, param = str(err.get("message")), err.get("param")
-        except (ValueError, KeyError, TypeError):
+            body = resp.json()
+            err = body["error"] if isinstance(body.get("error"), dict) else body  # vLLM's older flat shape
+            message, param = str(err["message"]), err.get("param")
+        except (ValueError, KeyError, TypeError, AttributeError):
             message, param = resp.text[:500], None
         if resp.status_code in TRANSIENT_STATUS:
             return TeacherUnavailableError(f"teacher overloaded (HTTP {resp.status_code}) after retries: {message}")
         return TeacherRequestError(resp.status_code, message, param)
+
+
+class TeacherClient(HttpTeacher):
+    """Talks to one teacher service of this project. Create one per trainer; use from a single event loop."""
+
+    def __init__(self, base_url: str, **kwargs: Any) -> None:
+        super().__init__(base_url, **kwargs)
+        self._info: TeacherInfo | None = None
 
     async def info(self) -> TeacherInfo:
         """The teacher's handshake, fetched once per client instance."""
@@ -140,8 +158,10 @@ class TeacherClient:
     async def model_name(self) -> str:
         return (await self.info()).model
 
-    async def check_compatible(self, vocab_size: int, tokenizer_fingerprint: str, top_k: int) -> TeacherInfo:
-        """Refuse to train against a teacher that would teach the wrong tokens."""
+    async def check_compatible(
+        self, vocab_size: int, tokenizer_fingerprint: str, top_k: int, probe: tuple[str, list[int]] | None = None
+    ) -> TeacherInfo:
+        """Refuse to train against a teacher that would teach the wrong tokens (``probe`` is for other APIs)."""
         info = await self.info()
         if info.tokenizer_fingerprint != tokenizer_fingerprint:
             raise TeacherMismatchError(
@@ -202,3 +222,14 @@ class TeacherClient:
             raise TeacherProtocolError("teacher returned different first rows than requested")
         if frame.metadata.get("model") not in (None, model):
             raise TeacherProtocolError(f"frame is from model {frame.metadata.get('model')!r}, expected {model!r}")
+
+
+def make_client(api: str, base_url: str, **kwargs: Any) -> TeacherClient:
+    """The client for ``--teacher_api`` (``gkd`` or ``vllm``)."""
+    if api == "gkd":
+        return TeacherClient(base_url, **kwargs)
+    if api == "vllm":
+        from student_trainer.vllm_client import VllmTeacherClient
+
+        return VllmTeacherClient(base_url, **kwargs)  # type: ignore[return-value]
+    raise ValueError(f"unknown teacher API {api!r}; expected 'gkd' or 'vllm'")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -30,10 +30,23 @@ class Batch:
     attention_mask: torch.Tensor  # [B, T]
     first_rows: list[int]
     sequences: list[list[int]]
+    data_state: dict[str, int] = field(default_factory=dict)
+    """Position of the data iterator just after this batch (what a checkpoint must record)."""
 
     @property
     def num_target_tokens(self) -> int:
         return sum(len(s) - 1 - f for s, f in zip(self.sequences, self.first_rows, strict=True))
+
+    def prompts(self) -> list[list[int]]:
+        """Each sequence's prompt: the tokens before its first completion token."""
+        return [s[: f + 1] for s, f in zip(self.sequences, self.first_rows, strict=True)]
+
+    def with_completions(self, prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> Batch:
+        """This batch's (possibly shortened) prompts with generated completions; the data position is kept."""
+        examples = [Example(p + c, len(p)) for p, c in zip(prompts, completions, strict=True)]
+        batch = collate(examples, pad_id)
+        batch.data_state = self.data_state
+        return batch
 
 
 def load_jsonl(path: str | Path, tokenizer, max_length: int, max_completion_length: int | None = None) -> list[Example]:
@@ -104,7 +117,9 @@ class ShardedBatches:
             while self.index + self.micro_batch <= len(order):
                 chunk = order[self.index : self.index + self.micro_batch]
                 self.index += self.micro_batch
-                yield collate([self.examples[i] for i in chunk], self.pad_id)
+                batch = collate([self.examples[i] for i in chunk], self.pad_id)
+                batch.data_state = self.state_dict()
+                yield batch
             self.epoch, self.index = self.epoch + 1, 0
 
     def state_dict(self) -> dict[str, int]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -9,8 +11,10 @@ import torch
 import torch.nn.functional as F
 
 from shared.alignment import next_token_labels, padded_positions
-from student_trainer.data import Example, collate
+from student_trainer.data import Batch, Example, collate
 from student_trainer.loss import gkd_topk_loss
+from student_trainer.normalization import all_reduce_sum
+from student_trainer.teachers import Handle, TeacherRows
 
 RowLogitsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -61,3 +65,47 @@ def evaluate(
             kl_sum += float(gkd_topk_loss(s_logits, t_ids, t_lp, beta=0.0, tail="renorm").sum())
         n += labels.numel()
     return EvalResult(ce=ce_sum / n, kl=kl_sum / n if teacher is not None else float("nan"), tokens=n)
+
+
+@torch.no_grad()
+def sharded_eval(
+    student: RowLogitsFn,
+    request: Callable[[Batch], Handle[TeacherRows]],
+    examples: list[Example],
+    *,
+    rank: int,
+    world: int,
+    batch_size: int,
+    pad_id: int,
+    top_k: int,
+    args: argparse.Namespace,
+    device: torch.device,
+) -> dict[str, float]:
+    """Held-out metrics of the training student, each rank on its shard, summed over ranks.
+
+    Every rank runs the same number of forward passes (ZeRO-3 gathers parameters in each),
+    so the last ``len(examples) % world`` examples are left out. Returns token means of the
+    cross-entropy, the top-k forward KL (as :func:`evaluate`) and the training objective.
+    """
+    usable = len(examples) - len(examples) % world
+    mine = examples[rank:usable:world]
+    batches = [collate(mine[lo : lo + batch_size], pad_id) for lo in range(0, len(mine), batch_size)]
+    window: deque[Handle[TeacherRows]] = deque()
+    ce = kl = gkd = 0.0
+    tokens = 0
+    for i, batch in enumerate(batches):
+        while len(window) < 2 and i + len(window) < len(batches):  # teacher rows one batch ahead
+            window.append(request(batches[i + len(window)]))
+        rows = window.popleft().result()
+        b_idx, t_idx = padded_positions(batch.attention_mask, batch.first_rows)
+        labels = next_token_labels(batch.input_ids, b_idx, t_idx).to(device)
+        logits = student(
+            batch.input_ids.to(device), batch.attention_mask.to(device), b_idx.to(device), t_idx.to(device)
+        ).float()
+        t_ids, t_lp = rows.topk(top_k, device)
+        ce += float(F.cross_entropy(logits, labels, reduction="sum"))
+        kl += float(gkd_topk_loss(logits, t_ids, t_lp, beta=0.0, tail="renorm").sum())
+        gkd += float(rows.gkd_loss(logits, args).sum())
+        tokens += labels.numel()
+    ce, kl, gkd, total = all_reduce_sum([ce, kl, gkd, float(tokens)], device)
+    return {"ce": ce / total, "kl_topk": kl / total, "gkd_loss": gkd / total, "tokens": total}

@@ -1,71 +1,128 @@
-"""The trainer launched the way DeepSpeed users launch it: `deepspeed --num_gpus 2 --module student_trainer`."""
+"""Two-rank runs against a live teacher: distillation, YAML config, eval, TensorBoard, checkpoints, exact resume."""
 
 from __future__ import annotations
 
-import json
-import shutil
+import math
 import subprocess
-import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
+from launcher import REPO, failure_output, launch, read_jsonl, trainer_cmd
+from safetensors.torch import load_file
 
 from demo.tiny import TinyAssets
-from teacher_service.process import TeacherProcess, free_port
+from teacher_service.process import TeacherProcess
 
-REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
+STEPS = 40
 
 
-def launch(
-    assets: TinyAssets, out: Path, teacher_url: str, steps: int, *extra: str, ranks: int = 2, timeout: float = 600
-) -> subprocess.CompletedProcess[str]:
-    launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent))
-    assert launcher, "the deepspeed launcher must be installed beside this Python"
-    cmd = [
-        launcher,
-        "--num_gpus",
-        str(ranks),
-        "--master_port",
-        str(free_port()),
-        "--module",
-        "student_trainer",
-        "--model_name_or_path",
-        str(assets.student),
-        "--train_file",
-        str(assets.train_file),
-        "--output_dir",
-        str(out),
+@pytest.fixture(scope="module")
+def full_run(tiny_assets: TinyAssets, teacher_server: TeacherProcess, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """40 steps configured from YAML (command-line flags override it), checkpoint and eval every 20."""
+    out = tmp_path_factory.mktemp("full")
+    config = out / "run.yaml"
+    config.write_text(
+        f"teacher_url: {teacher_server.url}\n"
+        "top_k: 16\n"
+        "logging_steps: 999  # overridden on the command line\n"
+        "save_steps: 20\n"
+        f"eval_file: {tiny_assets.eval_file}\n"
+        "eval_steps: 20\n"
+        "eval_batch_size: 64\n"
+        f"deepspeed: {REPO / 'deploy' / 'ds_zero2.json'}\n"
+    )
+    proc = launch(tiny_assets, out, "--config", str(config), "--max_steps", str(STEPS), "--logging_steps", "5")
+    assert proc.returncode == 0, failure_output(proc)
+    return out
+
+
+def test_two_rank_distillation_against_live_teacher_lowers_loss(full_run: Path) -> None:
+    log = read_jsonl(full_run / "train_log.jsonl")
+    assert [r["step"] for r in log] == [5, 10, 15, 20, 25, 30, 35, 40]
+    assert all(math.isfinite(r["loss"]) for r in log)
+    assert log[-1]["loss"] < 0.5 * log[0]["loss"]
+    assert (full_run / "final" / "config.json").exists()
+
+
+def test_eval_tensorboard_and_checkpoints(full_run: Path) -> None:
+    evals = read_jsonl(full_run / "eval_log.jsonl")
+    assert [e["step"] for e in evals] == [20, 40]
+    assert all(math.isfinite(e["ce"]) and math.isfinite(e["kl_topk"]) for e in evals)
+    assert evals[0]["tokens"] == evals[1]["tokens"] > 0  # the same held-out tokens each time
+    assert evals[1]["kl_topk"] < evals[0]["kl_topk"]
+    assert list((full_run / "tensorboard").glob("events.out.tfevents.*"))
+    assert (full_run / "checkpoints" / "latest").read_text().strip() == "step-40"
+    assert (full_run / "checkpoints" / "step-20").is_dir()
+
+
+def test_resume_continues_exactly(
+    tiny_assets: TinyAssets, teacher_server: TeacherProcess, full_run: Path, tmp_path: Path
+) -> None:
+    """Resume at step 20 of the full run: the same losses and the same final weights as the uninterrupted run."""
+    proc = launch(
+        tiny_assets,
+        tmp_path,
         "--teacher_url",
-        teacher_url,
-        "--max_steps",
-        str(steps),
+        teacher_server.url,
         "--top_k",
         "16",
         "--deepspeed",
         str(REPO / "deploy" / "ds_zero2.json"),
+        "--max_steps",
+        str(STEPS),
         "--logging_steps",
         "5",
-        *extra,
-    ]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+        "--resume_from_checkpoint",
+        str(full_run / "checkpoints" / "step-20"),
+    )
+    assert proc.returncode == 0, failure_output(proc)
+    resumed = read_jsonl(tmp_path / "train_log.jsonl")
+    original = {r["step"]: r for r in read_jsonl(full_run / "train_log.jsonl")}
+    assert [r["step"] for r in resumed] == [25, 30, 35, 40]
+    for r in resumed:
+        assert r["loss"] == pytest.approx(original[r["step"]]["loss"], rel=1e-5, abs=1e-7)
+    a, b = load_file(full_run / "final" / "model.safetensors"), load_file(tmp_path / "final" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5)  # Adam: float rounding, ~1e-6
 
 
-def test_two_rank_distillation_against_live_teacher_lowers_loss(
-    tiny_assets: TinyAssets, teacher_server: TeacherProcess, tmp_path: Path
-) -> None:
-    proc = launch(tiny_assets, tmp_path, teacher_server.url, 40)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log] == [5, 10, 15, 20, 25, 30, 35, 40]
-    assert all(r["loss"] == r["loss"] for r in log)  # no NaN
-    assert log[-1]["loss"] < 0.5 * log[0]["loss"]
-    assert (tmp_path / "final" / "config.json").exists()
-
-
-def test_unreachable_teacher_stops_training_with_a_clear_message(tiny_assets: TinyAssets, tmp_path: Path) -> None:
-    proc = launch(tiny_assets, tmp_path, f"http://127.0.0.1:{free_port()}", 5, ranks=1, timeout=300)
+def test_teacher_going_down_mid_training_stops_with_a_clear_message(tiny_assets: TinyAssets, tmp_path: Path) -> None:
+    """No NaN step, no filled rows: the run logs finite losses, then stops naming the unreachable teacher."""
+    with TeacherProcess(tiny_assets.teacher, log_path=tmp_path / "teacher.log") as teacher:
+        cmd = trainer_cmd(
+            tiny_assets,
+            tmp_path / "run",
+            "--teacher_url",
+            teacher.url,
+            "--top_k",
+            "16",
+            "--deepspeed",
+            str(REPO / "deploy" / "ds_zero2.json"),
+            "--max_steps",
+            "100000",
+            "--logging_steps",
+            "1",
+            "--teacher_max_retries",
+            "2",
+            ranks=1,
+        )
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+        log = tmp_path / "run" / "train_log.jsonl"
+        deadline = time.monotonic() + 300
+        while not (log.exists() and len(log.read_text().splitlines()) >= 3):
+            assert proc.poll() is None, proc.stdout.read()[-4000:] if proc.stdout else ""
+            assert time.monotonic() < deadline, "training did not start"
+            time.sleep(0.5)
+    try:
+        output, _ = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
     assert proc.returncode != 0
-    output = proc.stdout + proc.stderr
-    assert "training stopped" in output and "unreachable" in output
-    assert not (tmp_path / "final").exists()
+    assert "training stopped" in output and "unreachable" in output, output[-4000:]
+    losses = [r["loss"] for r in read_jsonl(log)]
+    assert len(losses) >= 3 and all(math.isfinite(v) for v in losses)
+    assert not (tmp_path / "run" / "final").exists()

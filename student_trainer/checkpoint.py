@@ -1,0 +1,86 @@
+"""DeepSpeed checkpoints with the trainer's own state, so a resumed run continues exactly.
+
+``client_state`` holds the step, the data position of the last *consumed* micro-batch
+(the prefetcher reads the data iterator ahead, so the iterator's own position would
+skip the prefetched batches on resume), and every rank's RNG states.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINTS_DIR = "checkpoints"
+
+
+def checkpoint_tag(step: int) -> str:
+    return f"step-{step}"
+
+
+def resolve_resume(spec: str, output_dir: str | Path) -> tuple[Path, str]:
+    """(checkpoints root, tag) for ``--resume_from_checkpoint``: ``latest``, a root with ``latest``, or a tag dir."""
+    path = Path(output_dir) / CHECKPOINTS_DIR if spec == "latest" else Path(spec)
+    if spec != "latest" and not (path / "latest").is_file():
+        if not path.is_dir():
+            raise FileNotFoundError(f"{path} does not exist")
+        return path.parent, path.name
+    latest = path / "latest"
+    if not latest.is_file():
+        raise FileNotFoundError(f"no checkpoint to resume: {latest} does not exist")
+    tag = latest.read_text().strip()
+    if not (path / tag).is_dir():
+        raise FileNotFoundError(f"{latest} names {tag!r}, but {path / tag} does not exist")
+    return path, tag
+
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": (np_state[0], np_state[1].tolist(), *np_state[2:]),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(engine: Any, root: Path, step: int, data_state: dict[str, int]) -> None:
+    """All ranks call this (DeepSpeed saves each rank's optimizer shard)."""
+    world = dist.get_world_size()
+    states: list[Any] = [None] * world
+    dist.all_gather_object(states, rng_state())
+    client_state = {"step": step, "data": data_state, "rng": states, "world_size": world}
+    engine.save_checkpoint(str(root), tag=checkpoint_tag(step), client_state=client_state)
+    logger.info("saved checkpoint %s", root / checkpoint_tag(step))
+
+
+def load_checkpoint(engine: Any, root: Path, tag: str) -> tuple[int, dict[str, int]]:
+    """Weights, optimizer and scheduler into ``engine``; this rank's RNG; returns (step, data position)."""
+    path, client = engine.load_checkpoint(str(root), tag=tag)
+    if path is None or not client:
+        raise FileNotFoundError(f"DeepSpeed found no checkpoint {tag!r} in {root}")
+    world = dist.get_world_size()
+    if client["world_size"] != world:
+        raise ValueError(
+            f"checkpoint {root / tag} was written by {client['world_size']} ranks, this run has {world}: "
+            "an exact resume needs the same number of data-parallel ranks"
+        )
+    set_rng_state(client["rng"][dist.get_rank()])
+    logger.info("resumed from %s at step %d", root / tag, client["step"])
+    return int(client["step"]), dict(client["data"])

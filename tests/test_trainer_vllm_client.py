@@ -1,0 +1,245 @@
+"""The vLLM-API teacher client against a mock server emitting vLLM's exact /v1/completions JSON shape."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import random
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import httpx
+import orjson
+import pytest
+import torch
+from launcher import REPO, failure_output, launch, read_jsonl
+
+from demo.tiny import TinyAssets
+from student_trainer.client import make_client
+from student_trainer.errors import TeacherMismatchError, TeacherProtocolError, TeacherUnavailableError
+from student_trainer.vllm_client import VllmTeacherClient, parse_prompt_logprobs
+from teacher_service.process import TeacherProcess, free_port
+
+VOCAB = 40
+MAX_LOGPROBS = 20  # stock vLLM's --max-logprobs default
+PROBE_TEXT, PROBE_IDS = "probe", [7, 3, 9]
+
+
+def teacher_logprobs(prefix: list[int]) -> torch.Tensor:
+    """A deterministic 'teacher': log-softmax over VOCAB from the last token, some ids impossible (-inf)."""
+    gen = torch.Generator().manual_seed(1000 + prefix[-1])
+    logits = torch.randn(VOCAB, generator=gen, dtype=torch.float64) * 3
+    logits[(prefix[-1] % 5) :: 11] = float("-inf")
+    return torch.log_softmax(logits, -1)
+
+
+def vllm_entry(lp: torch.Tensor, actual: int, k: int) -> dict[str, dict]:
+    """One prompt_logprobs entry as vLLM builds it: actual token first, then the top-k by rank."""
+
+    def item(tok: int) -> dict:
+        value = float(lp[tok])
+        rank = int((lp > lp[tok]).sum()) + 1
+        return {"logprob": -9999.0 if value == float("-inf") else value, "rank": rank, "decoded_token": f"<{tok}>"}
+
+    top = torch.topk(lp, k).indices.tolist()
+    entry = {str(actual): item(actual)}
+    for r, tok in enumerate(top, 1):
+        entry[str(tok)] = {**item(tok), "rank": r}  # overwrites the actual token's value, keeps it first
+    return entry
+
+
+class MockVllm:
+    def __init__(self, tokenize: list[int] | None = None) -> None:
+        self.tokenize = PROBE_IDS if tokenize is None else tokenize
+        self.requests: list[dict] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/models":
+            return httpx.Response(200, json={"object": "list", "data": [{"id": "big-teacher", "max_model_len": 64}]})
+        body = json.loads(request.content)
+        self.requests.append(body)
+        if request.url.path == "/tokenize":
+            return httpx.Response(200, json={"tokens": self.tokenize, "count": 3, "max_model_len": 64})
+        k = body["prompt_logprobs"]
+        if k > MAX_LOGPROBS:
+            msg = f"Requested prompt logprobs of {k}, which is greater than max allowed: {MAX_LOGPROBS}"
+            return httpx.Response(400, json={"error": {"message": msg, "type": "BadRequestError", "code": 400}})
+        choices = []
+        for i, prompt in enumerate(body["prompt"]):
+            entries = [None] + [
+                vllm_entry(teacher_logprobs(prompt[: j + 1]), prompt[j + 1], k) for j in range(len(prompt) - 1)
+            ]
+            choices.append(
+                {"index": i, "text": "x", "logprobs": None, "finish_reason": "length", "prompt_logprobs": entries}
+            )
+        random.Random(0).shuffle(choices)  # the client must order by `index`
+        return httpx.Response(
+            200, content=orjson.dumps({"id": "cmpl-1", "object": "text_completion", "choices": choices})
+        )
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+SEQS = [[5, 9, 14, 3, 8, 2], [7, 2, 11, 30], [30, 31]]
+
+
+@pytest.mark.parametrize("k", [4, 20])
+def test_rows_equal_the_teacher_topk_with_targets_and_inf(k: int) -> None:
+    async def go():
+        async with VllmTeacherClient("http://vllm", transport=httpx.MockTransport(MockVllm())) as client:
+            return await client.topk_logprobs(SEQS, k, first_rows=[2, 0, 0], return_target_logprobs=True)
+
+    frame = run(go())
+    assert frame.row_offsets.tolist() == [0, 3, 6, 7] and frame.first_rows.tolist() == [2, 0, 0]
+    r = 0
+    saw_inf = False
+    for seq, first in zip(SEQS, [2, 0, 0], strict=True):
+        for j in range(first, len(seq) - 1):
+            lp = teacher_logprobs(seq[: j + 1])
+            vals, ids = torch.topk(lp, k)
+            assert frame.token_ids[r].tolist() == ids.tolist()
+            torch.testing.assert_close(frame.logprobs[r].double(), vals, rtol=0, atol=1e-6)
+            torch.testing.assert_close(frame.target_logprobs[r].double(), lp[seq[j + 1]], rtol=0, atol=1e-6)
+            saw_inf |= bool(torch.isneginf(frame.logprobs[r]).any() or torch.isneginf(frame.target_logprobs[r]))
+            r += 1
+    assert r == 7
+    assert saw_inf or k == 4  # with k=20 of 40 ids, some -9999.0 entries must have become -inf
+
+
+def test_handshake_checks_tokenizer_and_max_logprobs() -> None:
+    async def check(mock: MockVllm, k: int):
+        async with make_client("vllm", "http://vllm", transport=httpx.MockTransport(mock)) as client:
+            return await client.check_compatible(VOCAB, "sha256:unused", k, probe=(PROBE_TEXT, PROBE_IDS))
+
+    assert run(check(MockVllm(), 20)).model == "big-teacher"
+    with pytest.raises(TeacherMismatchError, match=r"--top_k 21.*--max-logprobs 21"):
+        run(check(MockVllm(), 21))
+    with pytest.raises(TeacherMismatchError, match="tokenizer mismatch"):
+        run(check(MockVllm(tokenize=[7, 3, 10]), 8))
+
+
+def test_malformed_answers_are_protocol_errors_never_filled() -> None:
+    good = orjson.loads(
+        MockVllm()(
+            httpx.Request("POST", "http://v/v1/completions", json={"prompt": [[1, 2, 3]], "prompt_logprobs": 3})
+        ).content
+    )
+    entry = good["choices"][0]["prompt_logprobs"][1]
+    first_key = next(iter(entry))
+    bad_token = {
+        **good,
+        "choices": [
+            {
+                **good["choices"][0],
+                "prompt_logprobs": [None, {"39": entry[first_key]}, good["choices"][0]["prompt_logprobs"][2]],
+            }
+        ],
+    }
+    with pytest.raises(TeacherProtocolError):
+        parse_prompt_logprobs(orjson.dumps(bad_token), [[1, 2, 3]], [0], 3)
+    short = {**good, "choices": [{**good["choices"][0], "prompt_logprobs": [None]}]}
+    with pytest.raises(TeacherProtocolError, match="entries for 3 tokens"):
+        parse_prompt_logprobs(orjson.dumps(short), [[1, 2, 3]], [0], 3)
+    with pytest.raises(TeacherProtocolError, match="choice"):
+        parse_prompt_logprobs(orjson.dumps({"choices": []}), [[1, 2, 3]], [0], 3)
+    frame, _ = parse_prompt_logprobs(orjson.dumps(good), [[1, 2, 3]], [0], 3)
+    assert frame.token_ids.shape == (2, 3)
+
+
+def test_vllm_teacher_down_raises_typed_error() -> None:
+    def down(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("connection refused", request=request)
+
+    async def go():
+        async with VllmTeacherClient(
+            "http://vllm", transport=httpx.MockTransport(down), max_retries=1, backoff_base=0.01
+        ) as c:
+            await c.topk_logprobs([[1, 2]], 2)
+
+    with pytest.raises(TeacherUnavailableError, match="unreachable after 2 attempts"):
+        run(go())
+
+
+class VllmShapedAdapter(ThreadingHTTPServer):
+    """A /v1/completions server in vLLM's JSON shape whose numbers come from the live teacher service."""
+
+    def __init__(self, teacher_url: str, tokenizer_dir: Path) -> None:
+        from transformers import AutoTokenizer
+
+        self.teacher_url = teacher_url
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        super().__init__(("127.0.0.1", free_port()), _AdapterHandler)
+
+    def completions(self, body: dict) -> dict:
+        k = body["prompt_logprobs"]
+        resp = httpx.post(
+            f"{self.teacher_url}/v1/topk_logprobs",
+            json={"sequences": body["prompt"], "top_k": k, "logprobs_dtype": "float32", "return_target_logprobs": True},
+            headers={"accept": "application/json"},
+            timeout=60,
+        )
+        resp.raise_for_status()
+        choices = []
+        for i, (prompt, seq) in enumerate(zip(body["prompt"], resp.json()["sequences"], strict=True)):
+            entries: list[dict | None] = [None]
+            for j, (ids, lps, target) in enumerate(
+                zip(seq["token_ids"], seq["logprobs"], seq["target_logprobs"], strict=True)
+            ):
+                actual = prompt[j + 1]
+                entry = {
+                    str(actual): {"logprob": target, "rank": sum(v > target for v in lps) + 1, "decoded_token": ""}
+                }
+                for r, (tok, lp) in enumerate(zip(ids, lps, strict=True), 1):
+                    entry[str(tok)] = {"logprob": lp, "rank": r, "decoded_token": ""}
+                entries.append(entry)
+            choices.append({"index": i, "text": "", "prompt_logprobs": entries, "finish_reason": "length"})
+        return {"object": "text_completion", "model": "teacher", "choices": choices[::-1]}
+
+
+class _AdapterHandler(BaseHTTPRequestHandler):
+    server: VllmShapedAdapter
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def _send(self, payload: dict) -> None:
+        data = orjson.dumps(payload)
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self) -> None:
+        self._send({"object": "list", "data": [{"id": "teacher", "max_model_len": 256}]})
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+        if self.path == "/tokenize":
+            self._send({"tokens": self.server.tokenizer(body["prompt"], add_special_tokens=False).input_ids})
+        else:
+            self._send(self.server.completions(body))
+
+
+@pytest.mark.slow
+def test_trainer_against_a_vllm_shaped_server(
+    tiny_assets: TinyAssets, teacher_server: TeacherProcess, tmp_path: Path
+) -> None:
+    """`--teacher_api vllm` end to end: handshake by /tokenize and a k probe, JSON rows, finite losses."""
+    adapter = VllmShapedAdapter(teacher_server.url, tiny_assets.teacher)
+    thread = threading.Thread(target=adapter.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{adapter.server_address[1]}"
+        args = ["--teacher_url", url, "--teacher_api", "vllm", "--top_k", "8", "--max_steps", "3"]
+        args += ["--logging_steps", "1", "--deepspeed", str(REPO / "deploy" / "ds_zero0.json"), "--no_export"]
+        proc = launch(tiny_assets, tmp_path, *args, ranks=1)
+    finally:
+        adapter.shutdown()
+    assert proc.returncode == 0, failure_output(proc)
+    log = read_jsonl(tmp_path / "train_log.jsonl")
+    assert [r["step"] for r in log] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in log)
