@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -199,7 +200,9 @@ def _config_argv(parser: argparse.ArgumentParser, path: str) -> list[str]:
     return argv
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None = None, check_files: bool = True) -> argparse.Namespace:
+    """Flags (and ``--config`` YAML) checked for consistency; ``check_files=False`` skips what needs the
+    filesystem (inputs existing, the DeepSpeed config's contents), e.g. to check a container's command."""
     parser = build_parser()
     tokens = list(argv) if argv is not None else sys.argv[1:]
     config_only = argparse.ArgumentParser(add_help=False)
@@ -209,7 +212,35 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         tokens = _config_argv(parser, config_path) + tokens  # later tokens win: the command line overrides
     args = parser.parse_args(tokens)
     check_args(parser, args)
+    if check_files:
+        check_files_exist(parser, args)
     return args
+
+
+def _is_hub_id(value: str) -> bool:
+    """``org/name`` or ``name``: what ``from_pretrained`` resolves on the Hugging Face Hub when no such path exists."""
+    return re.fullmatch(r"[\w.-]+(/[\w.-]+)?", value) is not None and not value.startswith(".")
+
+
+def check_files_exist(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Inputs exist (models may also be hub ids), the resume point is found, the DeepSpeed config is valid."""
+    fail = parser.error
+    for name in ("model_name_or_path", "teacher_model_name_or_path", "train_file", "eval_file"):
+        value = getattr(args, name)
+        if value is None or Path(value).exists():
+            continue
+        if name.endswith("model_name_or_path") and _is_hub_id(value):
+            continue
+        fail(f"--{name} {value} does not exist")
+    if args.resume_from_checkpoint is not None:
+        try:
+            resolve_resume(args.resume_from_checkpoint, args.output_dir)
+        except FileNotFoundError as exc:
+            fail(f"--resume_from_checkpoint: {exc}")
+    try:
+        args.ds_config = load_deepspeed_config(args.deepspeed_config, bf16=args.bf16)
+    except DeepSpeedConfigError as exc:
+        fail(str(exc))
 
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -267,19 +298,6 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         fail(f"--max_new_tokens {args.max_new_tokens} leaves no room for the prompt inside --max_length")
     if args.eval_steps is not None and args.eval_file is None:
         fail("--eval_steps needs --eval_file")
-    for name in ("model_name_or_path", "train_file", "eval_file", "teacher_model_name_or_path"):
-        value = getattr(args, name)
-        if value is not None and not Path(value).exists():
-            fail(f"--{name} {value} does not exist")
-    if args.resume_from_checkpoint is not None:
-        try:
-            resolve_resume(args.resume_from_checkpoint, args.output_dir)
-        except FileNotFoundError as exc:
-            fail(f"--resume_from_checkpoint: {exc}")
-    try:
-        args.ds_config = load_deepspeed_config(args.deepspeed_config, bf16=args.bf16)
-    except DeepSpeedConfigError as exc:
-        fail(str(exc))
 
 
 def describe(args: argparse.Namespace) -> dict[str, object]:

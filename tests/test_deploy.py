@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import functools
 import importlib.resources
 import importlib.util
 import io
@@ -961,8 +962,10 @@ def parse_with(where: str, program: str, parse, args: list[str]):
 
 def check_trainer(where: str, args: list[str], in_cluster: bool) -> None:
     from student_trainer.config import parse_args
+    from student_trainer.ds_config import load_deepspeed_config
 
-    parsed = parse_with(where, "student_trainer", parse_args, args)
+    # paths in the command are the container's: check the flags here, the files below
+    parsed = parse_with(where, "student_trainer", functools.partial(parse_args, check_files=False), args)
     if parsed is None:  # the image's default CMD: --help
         return
     expected = CLUSTER_TEACHER_URL if in_cluster else COMPOSE_TEACHER_URL
@@ -971,7 +974,7 @@ def check_trainer(where: str, args: list[str], in_cluster: bool) -> None:
     config = Path(parsed.deepspeed_config)
     assert config.parent == Path("/app/deploy"), f"{where}: DeepSpeed config outside the image's /app/deploy"
     assert (DEPLOY / config.name).is_file(), f"{where}: deploy/{config.name} does not exist"
-    json.loads((DEPLOY / config.name).read_text())
+    load_deepspeed_config(DEPLOY / config.name, bf16=parsed.bf16)  # the trainer's own checks of the config
 
 
 def check_deepspeed(where: str, args: list[str], in_cluster: bool) -> None:

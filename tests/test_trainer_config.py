@@ -125,3 +125,16 @@ def test_every_flag_is_documented_in_the_readme() -> None:
     for action in build_parser()._actions:
         if action.option_strings and action.dest != "help":
             assert f"`{action.option_strings[0]}`" in readme, action.option_strings[0]
+
+
+def test_models_may_be_hub_ids_but_local_paths_must_exist(
+    base: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = parse_args([*base, "--teacher_model_name_or_path", "Qwen/Qwen3-0.6B"])
+    assert args.teacher_model_name_or_path == "Qwen/Qwen3-0.6B"
+    assert "--teacher_model_name_or_path ./missing does not exist" in refused(
+        [*base, "--teacher_model_name_or_path", "./missing"], capsys
+    )
+    missing_data = [*base, "--train_file", str(tmp_path / "none.jsonl")]
+    assert "--train_file" in refused(missing_data, capsys)
+    assert parse_args(missing_data, check_files=False).train_file.endswith("none.jsonl")
