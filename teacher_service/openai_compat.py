@@ -42,6 +42,26 @@ class CompletionRequest(BaseModel):
     stream: bool = False
 
 
+class TokenizeRequest(BaseModel):
+    """vLLM's `/tokenize` request (completion form), so a client can check the tokenizer the way it checks vLLM."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    prompt: str
+    add_special_tokens: bool = True
+
+
+@router.post("/tokenize")
+async def tokenize(request: Request, engine: Engine, config: Config) -> dict[str, Any]:
+    req = await parse_json_body(request, TokenizeRequest, config.max_body_bytes)
+    check_model_name(req.model, engine)
+    if engine.tokenizer is None:
+        raise ServiceError(400, "this engine has no tokenizer loaded", "prompt")
+    tokens = engine.tokenizer(req.prompt, add_special_tokens=req.add_special_tokens).input_ids
+    return {"count": len(tokens), "max_model_len": engine.max_model_len, "tokens": tokens, "token_strs": None}
+
+
 def _prompts_as_ids(prompt: Any, engine: TeacherEngine) -> list[list[int]]:
     if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and isinstance(prompt[0], str)):
         texts = [prompt] if isinstance(prompt, str) else prompt

@@ -84,3 +84,12 @@ def test_refusals_name_the_field(teacher_server: TeacherProcess, body: dict, par
     resp = httpx.post(f"{teacher_server.url}/v1/completions", json=body)
     assert 400 <= resp.status_code < 500, resp.text
     assert resp.json()["error"]["param"] == param
+
+
+def test_tokenize_like_vllm(teacher_server: TeacherProcess, engine: HFEngine) -> None:
+    text = "sort: 3 1 2 =>"
+    body = httpx.post(f"{teacher_server.url}/tokenize", json={"prompt": text, "add_special_tokens": False}).json()
+    assert body["tokens"] == engine.tokenizer(text, add_special_tokens=False).input_ids
+    assert body["count"] == len(body["tokens"]) and body["max_model_len"] == engine.max_model_len
+    refused = httpx.post(f"{teacher_server.url}/tokenize", json={"prompt": 5})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "prompt"

@@ -11,6 +11,8 @@ import time
 import httpx
 import pytest
 import torch
+from fake_engine import FakeEngine
+from servers import serve_in_thread
 
 from demo.tiny import TinyAssets
 from shared.codec import decode_frame
@@ -21,8 +23,6 @@ from teacher_service.config import ServiceConfig
 from teacher_service.engines.base import ScoreJob
 from teacher_service.engines.hf import HFEngine
 from teacher_service.process import TeacherProcess
-from tests.conftest import serve_in_thread
-from tests.fake_engine import FakeEngine
 
 BODY = {"sequences": [[1, 2, 3, 4]], "top_k": 2}
 

@@ -6,8 +6,6 @@ import asyncio
 import json
 import math
 import random
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -20,7 +18,7 @@ from demo.tiny import TinyAssets
 from student_trainer.client import make_client
 from student_trainer.errors import TeacherMismatchError, TeacherProtocolError, TeacherUnavailableError
 from student_trainer.vllm_client import VllmTeacherClient, parse_prompt_logprobs
-from teacher_service.process import TeacherProcess, free_port
+from teacher_service.process import TeacherProcess
 
 VOCAB = 40
 MAX_LOGPROBS = 20  # stock vLLM's --max-logprobs default
@@ -164,82 +162,15 @@ def test_vllm_teacher_down_raises_typed_error() -> None:
         run(go())
 
 
-class VllmShapedAdapter(ThreadingHTTPServer):
-    """A /v1/completions server in vLLM's JSON shape whose numbers come from the live teacher service."""
-
-    def __init__(self, teacher_url: str, tokenizer_dir: Path) -> None:
-        from transformers import AutoTokenizer
-
-        self.teacher_url = teacher_url
-        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-        super().__init__(("127.0.0.1", free_port()), _AdapterHandler)
-
-    def completions(self, body: dict) -> dict:
-        k = body["prompt_logprobs"]
-        resp = httpx.post(
-            f"{self.teacher_url}/v1/topk_logprobs",
-            json={"sequences": body["prompt"], "top_k": k, "logprobs_dtype": "float32", "return_target_logprobs": True},
-            headers={"accept": "application/json"},
-            timeout=60,
-        )
-        resp.raise_for_status()
-        choices = []
-        for i, (prompt, seq) in enumerate(zip(body["prompt"], resp.json()["sequences"], strict=True)):
-            entries: list[dict | None] = [None]
-            for j, (ids, lps, target) in enumerate(
-                zip(seq["token_ids"], seq["logprobs"], seq["target_logprobs"], strict=True)
-            ):
-                actual = prompt[j + 1]
-                entry = {
-                    str(actual): {"logprob": target, "rank": sum(v > target for v in lps) + 1, "decoded_token": ""}
-                }
-                for r, (tok, lp) in enumerate(zip(ids, lps, strict=True), 1):
-                    entry[str(tok)] = {"logprob": lp, "rank": r, "decoded_token": ""}
-                entries.append(entry)
-            choices.append({"index": i, "text": "", "prompt_logprobs": entries, "finish_reason": "length"})
-        return {"object": "text_completion", "model": "teacher", "choices": choices[::-1]}
-
-
-class _AdapterHandler(BaseHTTPRequestHandler):
-    server: VllmShapedAdapter
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-    def _send(self, payload: dict) -> None:
-        data = orjson.dumps(payload)
-        self.send_response(200)
-        self.send_header("content-type", "application/json")
-        self.send_header("content-length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def do_GET(self) -> None:
-        self._send({"object": "list", "data": [{"id": "teacher", "max_model_len": 256}]})
-
-    def do_POST(self) -> None:
-        body = json.loads(self.rfile.read(int(self.headers["content-length"])))
-        if self.path == "/tokenize":
-            self._send({"tokens": self.server.tokenizer(body["prompt"], add_special_tokens=False).input_ids})
-        else:
-            self._send(self.server.completions(body))
-
-
 @pytest.mark.slow
-def test_trainer_against_a_vllm_shaped_server(
+def test_trainer_against_the_services_vllm_compatible_api(
     tiny_assets: TinyAssets, teacher_server: TeacherProcess, tmp_path: Path
 ) -> None:
-    """`--teacher_api vllm` end to end: handshake by /tokenize and a k probe, JSON rows, finite losses."""
-    adapter = VllmShapedAdapter(teacher_server.url, tiny_assets.teacher)
-    thread = threading.Thread(target=adapter.serve_forever, daemon=True)
-    thread.start()
-    try:
-        url = f"http://127.0.0.1:{adapter.server_address[1]}"
-        args = ["--teacher_url", url, "--teacher_api", "vllm", "--top_k", "8", "--max_steps", "3"]
-        args += ["--logging_steps", "1", "--deepspeed", str(REPO / "deploy" / "ds_zero0.json"), "--no_export"]
-        proc = launch(tiny_assets, tmp_path, *args, ranks=1)
-    finally:
-        adapter.shutdown()
+    """`--teacher_api vllm` end to end against the teacher's /tokenize and /v1/completions (vLLM's JSON shape):
+    handshake by tokenization and a k probe, rows parsed by rank, finite losses."""
+    args = ["--teacher_url", teacher_server.url, "--teacher_api", "vllm", "--top_k", "8", "--max_steps", "3"]
+    args += ["--logging_steps", "1", "--deepspeed", str(REPO / "deploy" / "ds_zero0.json"), "--no_export"]
+    proc = launch(tiny_assets, tmp_path, *args, ranks=1)
     assert proc.returncode == 0, failure_output(proc)
     log = read_jsonl(tmp_path / "train_log.jsonl")
     assert [r["step"] for r in log] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in log)
