@@ -38,7 +38,9 @@ class ServiceConfig(BaseModel):
     max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024, description="Request body limit (413 above).")
     max_batch_tokens: int = Field(default=8192, ge=2, description="Padded tokens per forward pass (memory bound).")
     batch_wait_ms: float = Field(
-        default=5.0, ge=0, description="How long the micro-batcher waits for concurrent requests to join a batch."
+        default=5.0,
+        ge=0,
+        description="How long the micro-batcher waits for concurrent requests to join a batch of small requests.",
     )
     max_batch_requests: int = Field(
         default=64, ge=1, description="Requests merged into one forward pass by the micro-batcher; 1 disables merging."

@@ -89,10 +89,16 @@ class MicroBatcher:
         return await pending.future
 
     async def _next(self, timeout: float | None) -> _Pending | None:
+        """The next job: carried over, queued, or (within ``timeout``; None = forever) arriving."""
         if self._carry:
             return self._carry.popleft()
         if timeout is None:
             return await self._queue.get()
+        if timeout <= 0:
+            try:
+                return self._queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return None
         try:
             return await asyncio.wait_for(self._queue.get(), timeout)
         except TimeoutError:
@@ -103,7 +109,10 @@ class MicroBatcher:
         assert first is not None
         batch, tokens = [first], first.job.num_tokens
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.max_wait_s
+        # Waiting for company pays off for small requests (per-forward overhead dominates); a request that
+        # fills half the budget on its own runs with whatever is already queued, without waiting.
+        wait = self.max_wait_s if 2 * tokens < self.max_batch_tokens else 0.0
+        deadline = loop.time() + wait
         while tokens < self.max_batch_tokens and len(batch) < self.max_batch_requests:
             nxt = await self._next(max(deadline - loop.time(), 0.0))
             if nxt is None:
