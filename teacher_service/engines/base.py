@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from shared.codec import TopkFrame
+from shared.fingerprint import tokenizer_fingerprint
 
 
 @dataclass(frozen=True)
@@ -62,3 +64,35 @@ class TeacherEngine(abc.ABC):
 
     async def close(self) -> None:
         """Release the engine's resources."""
+
+
+class ModelDirEngine(TeacherEngine):
+    """An engine serving a Hugging Face model directory: the tokenizer (and its fingerprint) is read at
+    construction, so the handshake never depends on the engine; vocabulary size and context length are
+    set by ``start`` from the loaded model."""
+
+    def __init__(self, model_dir: str | Path, served_model_name: str | None = None) -> None:
+        from transformers import AutoTokenizer
+
+        super().__init__(served_model_name or Path(model_dir).name)
+        self.model_dir = str(model_dir)
+        self._tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        self._fingerprint = tokenizer_fingerprint(self._tokenizer)
+        self._vocab_size = 0
+        self._max_len = 0
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    @property
+    def tokenizer_fingerprint(self) -> str:
+        return self._fingerprint
+
+    @property
+    def max_model_len(self) -> int:
+        return self._max_len
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._tokenizer

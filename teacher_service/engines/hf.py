@@ -7,15 +7,13 @@ import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from shared.alignment import padded_positions, row_offsets
 from shared.codec import TopkFrame
-from shared.fingerprint import tokenizer_fingerprint
-from teacher_service.engines.base import ScoreJob, TeacherEngine
+from teacher_service.engines.base import ModelDirEngine, ScoreJob
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +68,7 @@ def topk_rows(
     return out
 
 
-class HFEngine(TeacherEngine):
+class HFEngine(ModelDirEngine):
     """Batched forward passes, run off the event loop, one at a time (the model is not re-entrant)."""
 
     engine_name = "transformers"
@@ -83,8 +81,7 @@ class HFEngine(TeacherEngine):
         device: str = "cpu",
         max_batch_tokens: int = 8192,
     ) -> None:
-        super().__init__(served_model_name or Path(model_dir).name)
-        self.model_dir = str(model_dir)
+        super().__init__(model_dir, served_model_name)
         if dtype not in _TORCH_DTYPES:
             raise ValueError(f"dtype {dtype!r} is not one of {sorted(_TORCH_DTYPES)}")
         self.dtype = dtype
@@ -92,26 +89,6 @@ class HFEngine(TeacherEngine):
         self.max_batch_tokens = max_batch_tokens
         self._lock = threading.Lock()
         self._model: torch.nn.Module | None = None
-        self._tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
-        self._fingerprint = tokenizer_fingerprint(self._tokenizer)
-        self._vocab_size = 0
-        self._max_len = 0
-
-    @property
-    def vocab_size(self) -> int:
-        return self._vocab_size
-
-    @property
-    def tokenizer_fingerprint(self) -> str:
-        return self._fingerprint
-
-    @property
-    def max_model_len(self) -> int:
-        return self._max_len
-
-    @property
-    def tokenizer(self) -> Any:
-        return self._tokenizer
 
     def load(self) -> None:
         model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=_TORCH_DTYPES[self.dtype])

@@ -24,13 +24,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
-from transformers import AutoTokenizer
 
 from shared.alignment import num_rows, row_offsets, vllm_entry_for_row
 from shared.codec import TopkFrame
-from shared.fingerprint import tokenizer_fingerprint
 from shared.logmath import log1mexp
-from teacher_service.engines.base import ScoreJob, TeacherEngine
+from teacher_service.engines.base import ModelDirEngine, ScoreJob
 
 if TYPE_CHECKING:
     from vllm import SamplingParams
@@ -165,7 +163,7 @@ def frame_from_prompt_logprobs(prompt_logprobs: Sequence[Any], job: ScoreJob) ->
     )
 
 
-class VLLMEngine(TeacherEngine):
+class VLLMEngine(ModelDirEngine):
     """vLLM ``AsyncLLM`` in this process's event loop; its engine core and workers are child processes.
 
     They are started with spawn (vLLM forces it on CPU), which re-imports the parent's ``__main__``:
@@ -193,8 +191,7 @@ class VLLMEngine(TeacherEngine):
         max_num_batched_tokens: int | None = None,
         enforce_eager: bool = False,
     ) -> None:
-        super().__init__(served_model_name or Path(model_dir).name)
-        self.model_dir = str(model_dir)
+        super().__init__(model_dir, served_model_name)
         self.max_top_k = max_top_k
         self.engine_kwargs: dict[str, Any] = {
             "model": self.model_dir,
@@ -210,28 +207,12 @@ class VLLMEngine(TeacherEngine):
             "logprobs_mode": "raw_logprobs",
             "disable_log_stats": True,
         }
-        self._tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
-        self._fingerprint = tokenizer_fingerprint(self._tokenizer)
         self._engine: AsyncLLM | None = None
         self._flat = False
         self._params: dict[int, SamplingParams] = {}
-        self._vocab_size = 0
-        self._max_len = 0
         # Unique across engines and restarts: vLLM keys its request state by these ids.
         self._id_prefix = f"gkd-{uuid.uuid4().hex[:12]}"
         self._job_ids = itertools.count()
-
-    @property
-    def vocab_size(self) -> int:
-        return self._vocab_size
-
-    @property
-    def tokenizer_fingerprint(self) -> str:
-        return self._fingerprint
-
-    @property
-    def tokenizer(self) -> Any:
-        return self._tokenizer
 
     @property
     def max_model_len(self) -> int:
