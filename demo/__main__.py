@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import shutil
 import subprocess
 import sys
@@ -15,10 +14,11 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from demo.launch import trainer_command
 from demo.tiny import build_assets
 from student_trainer.data import load_jsonl
 from student_trainer.evaluate import EvalResult, evaluate, row_logits_fn
-from teacher_service.process import TeacherProcess, free_port
+from teacher_service.process import TeacherProcess
 
 logger = logging.getLogger("demo")
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,39 +58,12 @@ def main() -> None:
 
     train_dir = args.out / "train"
     shutil.rmtree(train_dir, ignore_errors=True)
-    deepspeed_bin = shutil.which("deepspeed", path=str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"])
-    if deepspeed_bin is None:
-        sys.exit("demo: the `deepspeed` launcher is not installed (pip install '.[trainer]')")
     with TeacherProcess(assets.teacher, log_path=args.out / "teacher.log") as teacher:
-        cmd = [
-            deepspeed_bin,
-            "--num_gpus",
-            str(args.num_gpus),
-            "--master_port",
-            str(free_port()),
-            "--module",
-            "student_trainer",
-            "--model_name_or_path",
-            str(assets.student),
-            "--train_file",
-            str(assets.train_file),
-            "--output_dir",
-            str(train_dir),
-            "--teacher_url",
-            teacher.url,
-            "--max_steps",
-            str(args.steps),
-            "--top_k",
-            str(args.top_k),
-            "--beta",
-            "0.0",
-            "--tail",
-            args.tail,
-            "--deepspeed",
-            str(args.deepspeed),
-            "--logging_steps",
-            "25",
-        ]
+        cmd = trainer_command(
+            assets, train_dir, "--teacher_url", teacher.url, "--max_steps", str(args.steps),
+            "--top_k", str(args.top_k), "--beta", "0.0", "--tail", args.tail,
+            "--deepspeed", str(args.deepspeed), "--logging_steps", "25", ranks=args.num_gpus,
+        )  # fmt: skip
         logger.info("launching: %s", " ".join(cmd))
         t_train = time.perf_counter()
         subprocess.run(cmd, check=True)

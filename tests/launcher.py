@@ -3,44 +3,21 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
+from demo.launch import trainer_command
 from demo.tiny import TinyAssets
-from teacher_service.process import free_port
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def trainer_cmd(assets: TinyAssets, out: Path, *extra: str, ranks: int = 2) -> list[str]:
-    launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent))
-    assert launcher, "the deepspeed launcher must be installed beside this Python"
-    return [
-        launcher,
-        "--num_gpus",
-        str(ranks),
-        "--master_port",
-        str(free_port()),
-        "--module",
-        "student_trainer",
-        "--model_name_or_path",
-        str(assets.student),
-        "--train_file",
-        str(assets.train_file),
-        "--output_dir",
-        str(out),
-        *extra,
-    ]
 
 
 def launch(
     assets: TinyAssets, out: Path, *extra: str, ranks: int = 2, timeout: float = 600
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        trainer_cmd(assets, out, *extra, ranks=ranks), capture_output=True, text=True, timeout=timeout, cwd=REPO
+        trainer_command(assets, out, *extra, ranks=ranks), capture_output=True, text=True, timeout=timeout, cwd=REPO
     )
 
 

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from launcher import REPO, failure_output, launch, read_jsonl, trainer_cmd
+from launcher import REPO, failure_output, launch, read_jsonl
 from safetensors.torch import load_file
 
+from demo.launch import trainer_command
 from demo.tiny import TinyAssets
 from teacher_service.process import TeacherProcess
 
@@ -93,7 +94,7 @@ def test_resume_continues_exactly(
 def test_teacher_going_down_mid_training_stops_with_a_clear_message(tiny_assets: TinyAssets, tmp_path: Path) -> None:
     """No NaN step, no filled rows: the run logs finite losses, then stops naming the unreachable teacher."""
     with TeacherProcess(tiny_assets.teacher, log_path=tmp_path / "teacher.log") as teacher:
-        cmd = trainer_cmd(
+        cmd = trainer_command(
             tiny_assets,
             tmp_path / "run",
             "--teacher_url",
