@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import signal
 import threading
@@ -206,3 +207,15 @@ def test_engine_failure_is_a_500_for_its_batch_and_the_service_recovers(caplog: 
         }
         assert httpx.post(f"{url}/v1/topk_logprobs", json=BODY).status_code == 200
     assert "simulated engine failure" in caplog.text
+
+
+def test_json_logs_carry_the_request_id(tiny_assets: TinyAssets, tmp_path) -> None:
+    log = tmp_path / "teacher.log"
+    with TeacherProcess(tiny_assets.teacher, extra_args=["--log-format", "json"], log_path=log) as proc:
+        r = httpx.post(f"{proc.url}/v1/topk_logprobs", json=BODY, headers={"x-request-id": "trace-42"})
+        assert r.status_code == 200
+    records = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+    access = [r for r in records if r.get("request_id") == "trace-42"]
+    assert access and access[0]["status"] == 200 and access[0]["route"] == "/v1/topk_logprobs"
+    assert {"asctime", "levelname", "name", "message", "latency_ms"} <= access[0].keys()
+    assert any(r["message"].startswith("engine transformers ready") for r in records)
