@@ -121,11 +121,10 @@ async def completions(
             400, "this teacher scores prompts and generates no tokens: use max_tokens 0 or 1", "max_tokens"
         )
     k = engine.vocab_size if req.prompt_logprobs == -1 else req.prompt_logprobs
-    if k is not None and k > config.max_top_k:
+    allowed = min(config.max_top_k, engine.vocab_size)
+    if k is not None and k > allowed:
         raise ServiceError(
-            400,
-            f"Requested prompt logprobs of {k}, which is greater than max allowed: {config.max_top_k}",
-            "prompt_logprobs",
+            400, f"Requested prompt logprobs of {k}, which is greater than max allowed: {allowed}", "prompt_logprobs"
         )
     prompts = _prompts_as_ids(req.prompt, engine)
     validate_sequences(prompts, engine, config, param="prompt", min_len=1)

@@ -90,11 +90,17 @@ def validate_sequences(
             raise ServiceError(400, f"{param}[{i}] holds token id {bad} outside [0, {vocab})", f"{param}[{i}]")
 
 
+def check_top_k(k: int, engine: TeacherEngine, config: ServiceConfig, param: str) -> None:
+    if k > config.max_top_k:
+        raise ServiceError(400, f"{param}={k} exceeds this teacher's maximum of {config.max_top_k}", param)
+    if k > engine.vocab_size:
+        raise ServiceError(400, f"{param}={k} exceeds the vocabulary size {engine.vocab_size}", param)
+
+
 def validate_against_limits(req: TopkRequest, engine: TeacherEngine, config: ServiceConfig) -> None:
     """Checks that need the served model or the service limits (the schema checks the rest)."""
     check_model_name(req.model, engine)
-    if req.top_k > config.max_top_k:
-        raise ServiceError(400, f"top_k={req.top_k} exceeds this teacher's maximum of {config.max_top_k}", "top_k")
+    check_top_k(req.top_k, engine, config, "top_k")
     validate_sequences(req.sequences, engine, config)
 
 

@@ -219,3 +219,15 @@ def test_json_logs_carry_the_request_id(tiny_assets: TinyAssets, tmp_path) -> No
     assert access and access[0]["status"] == 200 and access[0]["route"] == "/v1/topk_logprobs"
     assert {"asctime", "levelname", "name", "message", "latency_ms"} <= access[0].keys()
     assert any(r["message"].startswith("engine transformers ready") for r in records)
+
+
+def test_top_k_above_the_vocabulary_is_a_400_not_a_crash() -> None:
+    app = create_app(ServiceConfig(model="unused", max_top_k=500), engine=FakeEngine(vocab=100))
+    with serve_in_thread(app) as url:
+        _wait_ready(url)
+        r = httpx.post(f"{url}/v1/topk_logprobs", json={"sequences": [[1, 2, 3]], "top_k": 101})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "top_k"
+        assert "vocabulary size 100" in r.json()["error"]["message"]
+        assert httpx.post(f"{url}/v1/topk_logprobs", json={"sequences": [[1, 2, 3]], "top_k": 100}).status_code == 200
+        r = httpx.post(f"{url}/v1/completions", json={"prompt": [1, 2, 3], "prompt_logprobs": 101})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt_logprobs"
