@@ -73,20 +73,28 @@ class TopkFrame:
         return slice(int(self.row_offsets[b]), int(self.row_offsets[b + 1]))
 
     def select(self, lo: int, hi: int, top_k: int | None = None) -> TopkFrame:
-        """Sequences ``lo:hi`` (and the first ``top_k`` columns) as a frame of their own."""
+        """Sequences ``lo:hi`` (and the first ``top_k`` columns) as a frame of their own.
+
+        Fewer columns move their mass into ``tail_logmass``, which stays the mass outside the kept top-k.
+        """
         r0, r1 = int(self.row_offsets[lo]), int(self.row_offsets[hi])
         k = self.top_k if top_k is None else top_k
 
         def rows(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t[r0:r1]
 
+        tail = rows(self.tail_logmass)
+        if tail is not None and k < self.top_k:
+            # the columns dropped from the top-k now belong to the tail
+            dropped = self.logprobs[r0:r1, k:].float()
+            tail = torch.logsumexp(torch.cat([tail.float().unsqueeze(-1), dropped], dim=-1), dim=-1)
         return TopkFrame(
             token_ids=self.token_ids[r0:r1, :k],
             logprobs=self.logprobs[r0:r1, :k],
             row_offsets=self.row_offsets[lo : hi + 1] - r0,
             first_rows=self.first_rows[lo:hi],
             target_logprobs=rows(self.target_logprobs),
-            tail_logmass=rows(self.tail_logmass),
+            tail_logmass=tail,
             target_ranks=rows(self.target_ranks),
             metadata=dict(self.metadata),
         )

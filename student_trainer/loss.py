@@ -25,7 +25,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from shared.logmath import log1mexp
+from shared.logmath import tail_from_topk
 from student_trainer.logprobs import chosen_logprobs, chunked_logsumexp
 
 __all__ = [
@@ -88,7 +88,7 @@ def topk_distributions(
     if teacher_tail_logmass is not None:
         t_tail = teacher_tail_logmass.float().unsqueeze(-1)
     else:
-        t_tail = log1mexp(torch.logsumexp(t_at, dim=-1, keepdim=True))
+        t_tail = tail_from_topk(t_at).unsqueeze(-1)
     return s_log, torch.cat([t_at, t_tail], dim=-1)
 
 

@@ -79,3 +79,20 @@ def test_select_and_concat_are_inverse() -> None:
     joined = TopkFrame.concat([frame.select(0, 1), frame.select(1, 2)])
     for name in ("token_ids", "logprobs", "row_offsets", "first_rows", "target_logprobs", "tail_logmass"):
         assert torch.equal(getattr(joined, name), getattr(frame, name)), name
+
+
+def test_select_fewer_columns_moves_their_mass_into_the_tail() -> None:
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(5, 40, generator=gen) * 3
+    lp = torch.log_softmax(logits.double(), -1)
+    vals, ids = lp.topk(8)
+    frame = TopkFrame(
+        ids.int(),
+        vals.float(),
+        torch.tensor([0, 5]),
+        torch.tensor([0]),
+        tail_logmass=torch.log1p(-vals.exp().sum(-1)).float(),
+    )
+    narrow = frame.select(0, 1, top_k=3)
+    torch.testing.assert_close(narrow.tail_logmass.double(), torch.log1p(-vals[:, :3].exp().sum(-1)), atol=1e-6, rtol=0)
+    assert torch.equal(frame.select(0, 1).tail_logmass, frame.tail_logmass)

@@ -200,3 +200,14 @@ def test_chosen_logprobs_gradient_with_a_vanishing_tail_is_finite_and_right() ->
     (chosen_logprobs(x64, ids, with_tail=True) * weights.double()).sum().backward()
     assert torch.isfinite(x32.grad).all()
     torch.testing.assert_close(x32.grad.double(), x64.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_reverse_kl_is_finite_when_a_derived_teacher_tail_rounds_to_zero() -> None:
+    """fp32 top-k of a confident teacher (as vLLM sends them) sum to 1: the derived tail is floored, not -inf."""
+    t_full = torch.zeros(2, 50)
+    t_full[:, 7] = 30.0
+    ids, lp = _teacher_topk(t_full, 4)
+    assert float(lp[0, 0]) == 0.0
+    s = torch.randn(2, 50)
+    for beta in (0.0, 0.5, 1.0):
+        assert torch.isfinite(gkd_topk_loss(s, ids, lp, beta=beta, tail="tail")).all()

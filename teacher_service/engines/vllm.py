@@ -27,7 +27,7 @@ import torch
 
 from shared.alignment import num_rows, row_offsets, vllm_entry_for_row
 from shared.codec import TopkFrame
-from shared.logmath import log1mexp
+from shared.logmath import tail_from_topk
 from teacher_service.engines.base import ModelDirEngine, ScoreJob
 
 if TYPE_CHECKING:
@@ -133,16 +133,6 @@ def rows_from_prompt_logprobs(
     return rows_from_dicts(prompt_logprobs, sequence, first_row, top_k)
 
 
-def tail_logmass(topk_logprobs: torch.Tensor) -> torch.Tensor:
-    """log(1 - sum(exp(top-k))) per row, float32.
-
-    vLLM sends only the top-k, so the tail comes from their float32 log-probs (summed in
-    float64): accurate to about 1e-6 in probability, and -inf where the top-k hold all but
-    less than that.
-    """
-    return log1mexp(torch.logsumexp(topk_logprobs.double(), dim=-1)).float()
-
-
 def frame_from_prompt_logprobs(prompt_logprobs: Sequence[Any], job: ScoreJob) -> TopkFrame:
     """The job's frame from one vLLM ``prompt_logprobs`` per sequence (same order as ``job.sequences``)."""
     if len(prompt_logprobs) != len(job.sequences):
@@ -159,7 +149,7 @@ def frame_from_prompt_logprobs(prompt_logprobs: Sequence[Any], job: ScoreJob) ->
         first_rows=torch.tensor(job.first_rows, dtype=torch.int64),
         target_logprobs=torch.from_numpy(np.concatenate([p[2] for p in parts])) if job.want_target_logprobs else None,
         target_ranks=torch.from_numpy(np.concatenate([p[3] for p in parts])) if job.want_target_logprobs else None,
-        tail_logmass=tail_logmass(lps) if job.want_tail_logmass else None,
+        tail_logmass=tail_from_topk(lps) if job.want_tail_logmass else None,
     )
 
 
