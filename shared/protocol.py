@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationInfo, field_validator
 
 FORMAT_VERSION = 1
 """Bumped whenever the binary frame layout changes incompatibly."""
@@ -28,7 +28,7 @@ class TopkRequest(BaseModel):
         default=None,
         description="Served model name; when given it must match the teacher's.",
     )
-    sequences: list[list[int]] = Field(
+    sequences: list[list[StrictInt]] = Field(
         min_length=1,
         description="Token-id sequences, each at least 2 tokens long (1 token has no next-token row).",
     )

@@ -272,6 +272,8 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         value = getattr(args, name)
         if value is not None and value < 1:
             fail(f"--{name} must be >= 1, got {value}")
+    if args.max_completion_length is not None and args.max_completion_length < 1:
+        fail(f"--max_completion_length must be >= 1, got {args.max_completion_length}")
     if args.max_completion_length is not None and args.max_completion_length >= args.max_length:
         fail(
             f"--max_completion_length {args.max_completion_length} leaves no room for the prompt inside "

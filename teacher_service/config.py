@@ -35,7 +35,11 @@ class ServiceConfig(BaseModel):
     max_top_k: int = Field(default=64, ge=1, description="GKD uses k of 8-64; larger k grows the frame linearly.")
     max_sequences: int = Field(default=512, ge=1, description="Sequences per request.")
     max_tokens: int = Field(default=131072, ge=2, description="Tokens per request, summed over sequences.")
-    max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024, description="Request body limit (413 above).")
+    max_body_bytes: int = Field(
+        default=4 * 1024 * 1024,
+        ge=1024,
+        description="Request body limit (413 above); 4 MiB holds --max-tokens of ids as JSON several times over.",
+    )
     max_batch_tokens: int = Field(default=8192, ge=2, description="Padded tokens per forward pass (memory bound).")
     batch_wait_ms: float = Field(
         default=5.0,

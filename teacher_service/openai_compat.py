@@ -21,9 +21,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from shared.alignment import vllm_entry_for_row
 from shared.codec import TopkFrame
 from teacher_service.body import parse_json_body
-from teacher_service.deps import AdmissionDep, Config, Engine, Metrics, ScorerDep
+from teacher_service.config import ServiceConfig
+from teacher_service.deps import AdmissionDep, Config, Engine, Metrics, Scorer, ScorerDep
 from teacher_service.engines.base import ScoreJob, TeacherEngine
 from teacher_service.errors import ServiceError
+from teacher_service.metrics import ServiceMetrics
 from teacher_service.routes import JSON_NEG_INF, check_model_name, validate_sequences
 
 router = APIRouter()
@@ -84,10 +86,11 @@ def _decoder(engine: TeacherEngine) -> Callable[[int], str | None]:
 
 
 def _position_entries(
-    frame: TopkFrame, rows: slice, seq: list[int], decode: Callable[[int], str | None]
+    frame: TopkFrame, rows: slice, seq: list[int], k: int, decode: Callable[[int], str | None]
 ) -> list[dict[str, dict] | None]:
-    ids = frame.token_ids[rows].tolist()
-    lps = frame.logprobs[rows].float().clamp_min(JSON_NEG_INF).tolist()
+    """vLLM's entries per position: the actual token first, then the top-k (``k`` may be 0: actual token only)."""
+    ids = frame.token_ids[rows, :k].tolist()
+    lps = frame.logprobs[rows, :k].float().clamp_min(JSON_NEG_INF).tolist()
     t_lps = frame.target_logprobs[rows].float().clamp_min(JSON_NEG_INF).tolist()  # type: ignore[index]
     t_ranks = frame.target_ranks[rows].tolist() if frame.target_ranks is not None else [None] * len(ids)
     out: list[dict[str, dict] | None] = [None]
@@ -110,6 +113,13 @@ async def completions(
     config: Config,
     metrics: Metrics,
 ) -> Response:
+    with admission.slot():  # admitted before the body is read: at most --max-queue bodies in memory
+        return await _complete(request, engine, scorer, config, metrics)
+
+
+async def _complete(
+    request: Request, engine: TeacherEngine, scorer: Scorer, config: ServiceConfig, metrics: ServiceMetrics
+) -> Response:
     req = await parse_json_body(request, CompletionRequest, config.max_body_bytes)
     check_model_name(req.model, engine)
     if req.stream:
@@ -130,12 +140,15 @@ async def completions(
     validate_sequences(prompts, engine, config, param="prompt", min_len=1)
     scored = [i for i, p in enumerate(prompts) if len(p) >= 2]
     frame = None
-    if k and scored:
+    if k is not None and scored:
+        # k = 0 still scores: each position then carries the actual token's log-prob and rank alone
         job = ScoreJob(
-            sequences=[prompts[i] for i in scored], first_rows=[0] * len(scored), top_k=k, want_target_logprobs=True
+            sequences=[prompts[i] for i in scored],
+            first_rows=[0] * len(scored),
+            top_k=max(k, 1),
+            want_target_logprobs=True,
         )
-        with admission.slot():
-            frame = await scorer.score(job)
+        frame = await scorer.score(job)
         metrics.rows.inc(int(frame.token_ids.shape[0]))
         metrics.tokens.inc(job.num_tokens)
     decode = _decoder(engine)
@@ -143,8 +156,8 @@ async def completions(
     choices = []
     for i, prompt in enumerate(prompts):
         plp = None
-        if k:
-            plp = [None] if i not in position else _position_entries(frame, frame.rows(position[i]), prompt, decode)  # type: ignore[union-attr]
+        if k is not None:
+            plp = [None] if i not in position else _position_entries(frame, frame.rows(position[i]), prompt, k, decode)  # type: ignore[union-attr]
         choices.append(
             {
                 "index": i,

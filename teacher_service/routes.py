@@ -20,9 +20,10 @@ from shared.protocol import (
 )
 from teacher_service.body import parse_json_body
 from teacher_service.config import ServiceConfig
-from teacher_service.deps import AdmissionDep, Config, Engine, Metrics, ScorerDep
+from teacher_service.deps import AdmissionDep, Config, Engine, Metrics, Scorer, ScorerDep
 from teacher_service.engines.base import ScoreJob, TeacherEngine
 from teacher_service.errors import ServiceError
+from teacher_service.metrics import ServiceMetrics
 
 router = APIRouter()
 
@@ -140,6 +141,13 @@ async def topk_logprobs(
     request: Request, engine: Engine, scorer: ScorerDep, admission: AdmissionDep, config: Config, metrics: Metrics
 ) -> Response:
     """Top-k teacher log-probs for every requested row of every sequence (binary frame by default)."""
+    with admission.slot():  # admitted before the body is read: at most --max-queue bodies in memory
+        return await _topk(request, engine, scorer, config, metrics)
+
+
+async def _topk(
+    request: Request, engine: TeacherEngine, scorer: Scorer, config: ServiceConfig, metrics: ServiceMetrics
+) -> Response:
     req = await parse_json_body(request, TopkRequest, config.max_body_bytes)
     validate_against_limits(req, engine, config)
     job = ScoreJob(
@@ -149,8 +157,7 @@ async def topk_logprobs(
         want_target_logprobs=req.return_target_logprobs,
         want_tail_logmass=req.return_tail_logmass,
     )
-    with admission.slot():
-        frame = await scorer.score(job)
+    frame = await scorer.score(job)
     metrics.rows.inc(int(frame.token_ids.shape[0]))
     metrics.tokens.inc(job.num_tokens)
     if wants_json(request):

@@ -93,3 +93,14 @@ def test_tokenize_like_vllm(teacher_server: TeacherProcess, engine: HFEngine) ->
     assert body["count"] == len(body["tokens"]) and body["max_model_len"] == engine.max_model_len
     refused = httpx.post(f"{teacher_server.url}/tokenize", json={"prompt": 5})
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "prompt"
+
+
+def test_prompt_logprobs_zero_gives_the_actual_token_only(teacher_server: TeacherProcess, engine: HFEngine) -> None:
+    prompt = PROMPTS[0]
+    body = httpx.post(f"{teacher_server.url}/v1/completions", json={"prompt": prompt, "prompt_logprobs": 0}).json()
+    plp = body["choices"][0]["prompt_logprobs"]
+    direct = engine.score_sync(ScoreJob([prompt], [0], 1, want_target_logprobs=True))
+    assert plp[0] is None and len(plp) == len(prompt)
+    for j, entry in enumerate(plp[1:]):
+        assert list(entry) == [str(prompt[j + 1])]
+        assert entry[str(prompt[j + 1])]["rank"] == int(direct.target_ranks[j])

@@ -131,6 +131,8 @@ def test_handshake_refuses_other_tokenizer(teacher_server: TeacherProcess, engin
         ({"sequences": [[1, 2]], "top_k": "many"}, 400, "top_k"),
         ({"sequences": "1 2 3", "top_k": 2}, 400, "sequences"),
         ({"sequences": [[1, "x"]], "top_k": 2}, 400, "sequences[0][1]"),
+        ({"sequences": [[1, 2, True]], "top_k": 2}, 400, "sequences[0][2]"),
+        ({"sequences": [[1, 2.0]], "top_k": 2}, 400, "sequences[0][1]"),
         ({"sequences": [[1, -3]], "top_k": 2}, 400, "sequences[0]"),
         ({"sequences": [[1, 10**6]], "top_k": 2}, 400, "sequences[0]"),
         ({"sequences": [[1, 2]], "top_k": 0}, 400, "top_k"),

@@ -69,6 +69,7 @@ def test_yaml_errors_name_the_key(base: list[str], tmp_path: Path, capsys: pytes
         (["--seq_kd", "--max_new_tokens", "8"], "--seq_kd needs a teacher that generates"),
         (["--tail", "tail", "--temperature", "0.5"], "--tail tail needs --temperature 1"),
         (["--max_completion_length", "64", "--max_length", "64"], "--max_completion_length 64 leaves no room"),
+        (["--max_completion_length", "0"], "--max_completion_length must be >= 1"),
         (["--lmbda", "1", "--max_new_tokens", "64", "--max_length", "64"], "--max_new_tokens 64 leaves no room"),
         (["--resume_from_checkpoint", "latest"], "--resume_from_checkpoint: no checkpoint to resume"),
         (
