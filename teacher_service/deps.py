@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+from collections.abc import AsyncIterator
 from typing import Annotated, Protocol
 
 from fastapi import Depends, Request
@@ -42,8 +43,12 @@ def get_scorer(request: Request, engine: Annotated[TeacherEngine, Depends(get_en
     return request.app.state.scorer
 
 
-def get_admission(request: Request) -> Admission:
-    return request.app.state.admission
+async def admitted(request: Request) -> AsyncIterator[None]:
+    """An admission slot for the request's whole life, body reading included: at most --max-queue scoring
+    requests hold memory at once, and the rest are answered 429 before their bodies are read."""
+    admission: Admission = request.app.state.admission
+    with admission.slot():
+        yield
 
 
 def require_api_key(request: Request) -> None:
@@ -64,5 +69,4 @@ def require_api_key(request: Request) -> None:
 Config = Annotated[ServiceConfig, Depends(get_config)]
 Engine = Annotated[TeacherEngine, Depends(get_engine)]
 ScorerDep = Annotated[Scorer, Depends(get_scorer)]
-AdmissionDep = Annotated[Admission, Depends(get_admission)]
 Metrics = Annotated[ServiceMetrics, Depends(get_metrics)]

@@ -15,17 +15,15 @@ from functools import lru_cache
 from typing import Any
 
 import orjson
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from shared.alignment import vllm_entry_for_row
 from shared.codec import TopkFrame
 from teacher_service.body import parse_json_body
-from teacher_service.config import ServiceConfig
-from teacher_service.deps import AdmissionDep, Config, Engine, Metrics, Scorer, ScorerDep
+from teacher_service.deps import Config, Engine, Metrics, ScorerDep, admitted
 from teacher_service.engines.base import ScoreJob, TeacherEngine
 from teacher_service.errors import ServiceError
-from teacher_service.metrics import ServiceMetrics
 from teacher_service.routes import JSON_NEG_INF, check_model_name, validate_sequences
 
 router = APIRouter()
@@ -104,21 +102,9 @@ def _position_entries(
     return out
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", dependencies=[Depends(admitted)])
 async def completions(
-    request: Request,
-    engine: Engine,
-    scorer: ScorerDep,
-    admission: AdmissionDep,
-    config: Config,
-    metrics: Metrics,
-) -> Response:
-    with admission.slot():  # admitted before the body is read: at most --max-queue bodies in memory
-        return await _complete(request, engine, scorer, config, metrics)
-
-
-async def _complete(
-    request: Request, engine: TeacherEngine, scorer: Scorer, config: ServiceConfig, metrics: ServiceMetrics
+    request: Request, engine: Engine, scorer: ScorerDep, config: Config, metrics: Metrics
 ) -> Response:
     req = await parse_json_body(request, CompletionRequest, config.max_body_bytes)
     check_model_name(req.model, engine)

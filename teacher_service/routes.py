@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import orjson
 import torch
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 
 from shared.codec import LOGPROB_DTYPES, TopkFrame, encode_frame
 from shared.protocol import (
@@ -20,10 +20,9 @@ from shared.protocol import (
 )
 from teacher_service.body import parse_json_body
 from teacher_service.config import ServiceConfig
-from teacher_service.deps import AdmissionDep, Config, Engine, Metrics, Scorer, ScorerDep
+from teacher_service.deps import Config, Engine, Metrics, ScorerDep, admitted
 from teacher_service.engines.base import ScoreJob, TeacherEngine
 from teacher_service.errors import ServiceError
-from teacher_service.metrics import ServiceMetrics
 
 router = APIRouter()
 
@@ -132,22 +131,16 @@ def frame_to_json(frame: TopkFrame, model: str, vocab_size: int) -> TopkJsonResp
 
 @router.post(
     "/v1/topk_logprobs",
+    dependencies=[Depends(admitted)],
     responses={200: {"content": {TOPK_MEDIA_TYPE: {}, "application/json": {}}}},
     openapi_extra={
         "requestBody": {"required": True, "content": {"application/json": {"schema": TopkRequest.model_json_schema()}}}
     },
 )
 async def topk_logprobs(
-    request: Request, engine: Engine, scorer: ScorerDep, admission: AdmissionDep, config: Config, metrics: Metrics
+    request: Request, engine: Engine, scorer: ScorerDep, config: Config, metrics: Metrics
 ) -> Response:
     """Top-k teacher log-probs for every requested row of every sequence (binary frame by default)."""
-    with admission.slot():  # admitted before the body is read: at most --max-queue bodies in memory
-        return await _topk(request, engine, scorer, config, metrics)
-
-
-async def _topk(
-    request: Request, engine: TeacherEngine, scorer: Scorer, config: ServiceConfig, metrics: ServiceMetrics
-) -> Response:
     req = await parse_json_body(request, TopkRequest, config.max_body_bytes)
     validate_against_limits(req, engine, config)
     job = ScoreJob(
