@@ -1,6 +1,13 @@
 """The wire contract between the teacher service and the student trainer."""
 
-from shared.alignment import next_token_labels, num_rows, padded_positions, row_offsets, vllm_entry_for_row
+from shared.alignment import (
+    next_token_labels,
+    num_rows,
+    pad_sequences,
+    padded_positions,
+    row_offsets,
+    vllm_entry_for_row,
+)
 from shared.codec import LOGPROB_DTYPES, FrameError, TopkFrame, decode_frame, encode_frame
 from shared.fingerprint import tokenizer_fingerprint
 from shared.protocol import (
@@ -36,6 +43,7 @@ __all__ = [
     "encode_frame",
     "next_token_labels",
     "num_rows",
+    "pad_sequences",
     "padded_positions",
     "row_offsets",
     "tokenizer_fingerprint",

@@ -9,6 +9,7 @@ the label ``input_ids[:, j+1]``. vLLM's ``prompt_logprobs`` has L entries with e
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 
@@ -31,6 +32,24 @@ def row_offsets(seq_lens: Sequence[int], first_rows: Sequence[int]) -> torch.Ten
     offsets = torch.zeros(len(counts) + 1, dtype=torch.int64)
     offsets[1:] = torch.cumsum(torch.tensor(counts, dtype=torch.int64), 0)
     return offsets
+
+
+def pad_sequences(
+    sequences: Sequence[Sequence[int]], pad_id: int, side: Literal["right", "left"] = "right"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) [B, T] of token sequences padded to the longest.
+
+    Right padding for scoring and training; left padding for generation, so that every
+    prompt ends where the generated tokens start. :func:`padded_positions` reads both.
+    """
+    width = max((len(s) for s in sequences), default=0)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(sequences), width, dtype=torch.long)
+    for b, seq in enumerate(sequences):
+        cols = slice(0, len(seq)) if side == "right" else slice(width - len(seq), width)
+        ids[b, cols] = torch.as_tensor(seq, dtype=torch.long)
+        mask[b, cols] = 1
+    return ids, mask
 
 
 def padded_positions(
