@@ -18,7 +18,7 @@ import torch
 
 from bench.common import machine
 from demo.tiny import build_assets
-from student_trainer.client import TeacherClient
+from student_trainer.teacher import TeacherClient
 from teacher_service.engines.base import ScoreJob
 from teacher_service.engines.hf import HFEngine
 from teacher_service.process import TeacherProcess

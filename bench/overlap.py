@@ -25,12 +25,14 @@ from pathlib import Path
 import torch
 
 from demo.tiny import build_assets
-from student_trainer.client import TeacherClient
 from student_trainer.data import Batch, ShardedBatches, load_jsonl
-from student_trainer.feed import TeacherFeed
+from student_trainer.loss import LossConfig
 from student_trainer.modeling import RowLogitsLM
-from student_trainer.prefetch import TeacherPrefetcher
-from student_trainer.teachers import ServiceTeacher, TeacherRows, TopkRows, row_index
+from student_trainer.teacher import TeacherClient
+from student_trainer.teacher.feed import TeacherFeed
+from student_trainer.teacher.prefetch import TeacherPrefetcher
+from student_trainer.teacher.rows import TeacherRows, TopkRows
+from student_trainer.teacher.service import ServiceTeacher
 from teacher_service.process import TeacherProcess
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,12 +86,12 @@ def main() -> None:
         model = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32)
         student = RowLogitsLM(model)
         opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
-        loss_args = argparse.Namespace(beta=0.5, temperature=1.0, tail="tail")
+        loss = LossConfig(beta=0.5, temperature=1.0, tail="tail")
 
         def train_step(batch: Batch, rows: TeacherRows) -> None:
-            b_idx, t_idx = row_index(batch, torch.device("cpu"))
+            b_idx, t_idx = batch.row_index()
             logits = student(batch.input_ids, batch.attention_mask, b_idx, t_idx)
-            rows.gkd_loss(logits, loss_args).sum().backward()
+            rows.gkd_loss(logits, loss).sum().backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
 

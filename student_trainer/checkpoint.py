@@ -84,3 +84,22 @@ def load_checkpoint(engine: Any, root: Path, tag: str) -> tuple[int, dict[str, i
     set_rng_state(client["rng"][dist.get_rank()])
     logger.info("resumed from %s at step %d", root / tag, client["step"])
     return int(client["step"]), dict(client["data"])
+
+
+def export_pretrained(engine: Any, tokenizer: Any, out: Path) -> None:
+    """``save_pretrained`` of the trained student on rank 0; ZeRO-3 shards are gathered parameter by parameter."""
+    import deepspeed
+
+    model = engine.module.model
+    is_main = dist.get_rank() == 0
+    state = None
+    if engine.zero_optimization_stage() == 3:
+        state = {}
+        for name, param in model.named_parameters():
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+                if is_main:
+                    state[name] = param.detach().cpu().clone()
+    if is_main:
+        model.save_pretrained(out, state_dict=state)
+        tokenizer.save_pretrained(out)
+        logger.info("exported the student to %s", out)

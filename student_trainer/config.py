@@ -1,220 +1,335 @@
-"""Trainer flags (HF/TRL-style names), each default with its reason, and checks that fail before training.
+"""The trainer's settings: one dataclass whose fields are the flags, each with its help and the reason for its default.
 
-Flags may also come from ``--config file.yaml`` whose keys are the flag names (``top_k: 32``);
-flags given on the command line override the file.
+Parsed by ``transformers.HfArgumentParser`` from the command line, or from ``--config run.yaml``
+whose keys are the flag names (the command line wins). :data:`FLAG_GROUPS` orders them for
+docs/trainer.md (``python -m student_trainer.docs``). ``__post_init__`` refuses incompatible
+combinations before any model loads, naming the flags; :func:`check_files_exist` adds the checks
+that need the filesystem.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
 import sys
+import typing
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Literal
 
 import yaml
+from transformers import HfArgumentParser
 
 from student_trainer.checkpoint import resolve_resume
 from student_trainer.ds_config import DeepSpeedConfigError, load_deepspeed_config
+from student_trainer.loss import LossConfig
 
 DEFAULT_TEACHER_URL = "http://127.0.0.1:8000"
 """The teacher service's default address (vLLM's default port, so `vllm serve` defaults line up too)."""
 
+DESCRIPTION = (
+    "Distill a student from a teacher with the GKD loss over top-k log-probs "
+    "(launch with `deepspeed --num_gpus N --module student_trainer ...`)."
+)
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="student_trainer",
-        description="Distill a student from a teacher with the GKD loss over top-k log-probs "
-        "(launch with `deepspeed --num_gpus N --module student_trainer ...`).",
-    )
-    p.add_argument("--config", help="YAML file whose keys are these flag names; command-line flags override it")
-    g = p.add_argument_group("model and data")
-    g.add_argument("--model_name_or_path", required=True, help="student model directory (Hugging Face layout)")
-    g.add_argument("--train_file", required=True, help="JSONL with 'prompt' and 'completion' fields")
-    g.add_argument("--output_dir", required=True, help="logs, checkpoints and the final export go here")
-    g.add_argument("--max_length", type=int, default=1024, help="prompt + completion tokens (the total)")
-    g.add_argument(
-        "--max_completion_length",
-        type=int,
-        default=None,
-        help="completion tokens kept (must leave room for the prompt inside --max_length)",
-    )
-    g.add_argument("--seed", type=int, default=42, help="data order, initialization and the lmbda draws")
 
-    g = p.add_argument_group("teacher")
-    g.add_argument(
-        "--teacher_url",
-        default=None,
-        help=f"teacher service base URL (default: $TEACHER_URL or {DEFAULT_TEACHER_URL})",
+FLAG_GROUPS: dict[str, tuple[str, ...]] = {
+    "Model and data": (
+        "model_name_or_path", "train_file", "output_dir", "max_length", "max_completion_length", "seed",
+    ),
+    "Teacher": (
+        "teacher_url", "teacher_api", "teacher_model_name_or_path", "teacher_api_key_env", "teacher_timeout",
+        "teacher_max_retries", "prefetch_depth", "top_k",
+    ),
+    "Loss": ("beta", "temperature", "tail", "sft_alpha"),
+    "GKD schedule and generation": ("lmbda", "seq_kd", "max_new_tokens", "generation_temperature"),
+    "Schedule, checkpoints, evaluation": (
+        "max_steps", "logging_steps", "save_steps", "resume_from_checkpoint", "eval_file", "eval_steps",
+        "eval_batch_size", "report_to", "no_export",
+    ),
+    "DeepSpeed": ("deepspeed_config", "bf16", "local_rank"),
+}  # fmt: skip
+"""Every :class:`TrainerConfig` field under one heading, in the order the docs list them."""
+
+
+def _help(text: str, **kwargs: Any) -> Any:
+    """A field whose ``help`` HfArgumentParser shows in ``--help`` (and docs/trainer.md reproduces)."""
+    aliases = kwargs.pop("aliases", None)
+    metadata: dict[str, Any] = {"help": text}
+    if aliases:
+        metadata["aliases"] = aliases
+    return field(metadata=metadata, **kwargs)
+
+
+@dataclass
+class TrainerConfig:
+    """Every setting of a distillation run; a flag per field (``--top_k``), or a key of ``--config`` YAML."""
+
+    # --- model and data
+    model_name_or_path: str = _help("student model directory (Hugging Face layout) or hub id")
+    train_file: str = _help("JSONL with 'prompt' and 'completion' fields")
+    output_dir: str = _help("logs, checkpoints and the final export go here")
+    max_steps: int = _help("optimizer steps to train")
+    deepspeed_config: str = _help(
+        "DeepSpeed JSON config (batch sizes, optimizer, ZeRO stage); see deploy/ds_zero*.json",
+        aliases=["--deepspeed"],
     )
-    g.add_argument(
-        "--teacher_api",
-        choices=["gkd", "vllm"],
-        default="gkd",
-        help="gkd: this project's /v1/topk_logprobs (binary frames); vllm: any /v1/completions server "
+    max_length: int = _help("prompt + completion tokens (the total)", default=1024)
+    max_completion_length: int | None = _help(
+        "completion tokens kept (must leave room for the prompt inside --max_length)", default=None
+    )
+    seed: int = _help("data order, initialization and the lmbda draws", default=42)
+
+    # --- teacher
+    teacher_url: str | None = _help(
+        f"teacher service base URL (default: $TEACHER_URL or {DEFAULT_TEACHER_URL})", default=None
+    )
+    teacher_api: Literal["gkd", "vllm"] = _help(
+        "gkd: this project's /v1/topk_logprobs (binary frames); vllm: any /v1/completions server "
         "with prompt_logprobs (stock `vllm serve`, whose --max-logprobs defaults to 20)",
+        default="gkd",
     )
-    g.add_argument(
-        "--teacher_model_name_or_path",
-        default=None,
-        help="in-process transformers teacher instead of a service: full-vocabulary loss, teacher forward "
+    teacher_model_name_or_path: str | None = _help(
+        "in-process transformers teacher instead of a service: full-vocabulary loss, teacher forward "
         "on every rank (comparison runs, small teachers); also what --seq_kd needs",
-    )
-    g.add_argument(
-        "--teacher_api_key_env",
-        default="TEACHER_API_KEY",
-        help="name of the environment variable holding the teacher's API key, if any",
-    )
-    g.add_argument("--teacher_timeout", type=float, default=120.0, help="seconds per teacher request")
-    g.add_argument(
-        "--teacher_max_retries",
-        type=int,
-        default=5,
-        help="retries of a transient teacher failure (connection, 429, 502-504) before training stops",
-    )
-    g.add_argument(
-        "--prefetch_depth",
-        type=int,
-        default=2,
-        help="teacher requests in flight ahead of the micro-batch being trained; 0 = fetch when needed",
-    )
-    g.add_argument("--top_k", type=int, default=20, help="teacher log-probs per position (vLLM's default max is 20)")
-
-    g = p.add_argument_group("loss")
-    g.add_argument(
-        "--beta",
-        type=float,
-        default=0.5,
-        help="generalized JSD interpolation: 0 = forward KL(teacher||student), 1 = reverse KL (TRL's default 0.5)",
-    )
-    g.add_argument(
-        "--temperature",
-        type=float,
-        default=1.0,
-        help="softmax temperature on both sides; 1 keeps the teacher's raw log-probs exact",
-    )
-    g.add_argument(
-        "--tail",
-        choices=["renorm", "tail"],
-        default="tail",
-        help="mass outside the top-k: one extra 'tail' class (default; needs --temperature 1) "
-        "or renormalize over the top-k",
-    )
-    g.add_argument(
-        "--sft_alpha",
-        type=float,
-        default=0.0,
-        help="weight of the cross-entropy on dataset completions added to the GKD loss (same token mean)",
-    )
-
-    g = p.add_argument_group("GKD schedule and generation")
-    g.add_argument(
-        "--lmbda",
-        type=float,
-        default=0.0,
-        help="probability that a step trains on student-generated completions (on-policy); "
-        "drawn from --seed and the step number, so every rank agrees",
-    )
-    g.add_argument(
-        "--seq_kd",
-        action="store_true",
-        help="off-policy steps train on teacher-generated completions (needs --teacher_model_name_or_path)",
-    )
-    g.add_argument(
-        "--max_new_tokens", type=int, default=None, help="tokens generated per completion (needed for lmbda/seq_kd)"
-    )
-    g.add_argument(
-        "--generation_temperature",
-        type=float,
-        default=1.0,
-        help="sampling temperature of generated completions; 0 = greedy",
-    )
-
-    g = p.add_argument_group("schedule, checkpoints, evaluation")
-    g.add_argument("--max_steps", type=int, required=True, help="optimizer steps to train")
-    g.add_argument("--logging_steps", type=int, default=10, help="log (rank 0) every N optimizer steps")
-    g.add_argument("--save_steps", type=int, default=None, help="DeepSpeed checkpoint every N steps (off if unset)")
-    g.add_argument(
-        "--resume_from_checkpoint",
         default=None,
-        help="a checkpoint directory (output_dir/checkpoints/step-N), a checkpoints root with a `latest` file, "
+    )
+    teacher_api_key_env: str = _help(
+        "name of the environment variable holding the teacher's API key, if any", default="TEACHER_API_KEY"
+    )
+    teacher_timeout: float = _help("seconds per teacher request", default=120.0)
+    teacher_max_retries: int = _help(
+        "retries of a transient teacher failure (connection, 429, 502-504) before training stops", default=5
+    )
+    prefetch_depth: int = _help(
+        "teacher requests in flight ahead of the micro-batch being trained; 0 = fetch when needed", default=2
+    )
+    top_k: int = _help("teacher log-probs per position (vLLM's default max is 20)", default=20)
+
+    # --- loss
+    beta: float = _help(
+        "generalized JSD interpolation: 0 = forward KL(teacher||student), 1 = reverse KL (TRL's default 0.5)",
+        default=0.5,
+    )
+    temperature: float = _help(
+        "softmax temperature on both sides; 1 keeps the teacher's raw log-probs exact", default=1.0
+    )
+    tail: Literal["renorm", "tail"] = _help(
+        "mass outside the top-k: one extra 'tail' class (default; needs --temperature 1) or renormalize over the top-k",
+        default="tail",
+    )
+    sft_alpha: float = _help(
+        "weight of the cross-entropy on dataset completions added to the GKD loss (same token mean)", default=0.0
+    )
+
+    # --- GKD schedule and generation
+    lmbda: float = _help(
+        "probability that a step trains on student-generated completions (on-policy); "
+        "drawn from --seed and the step number, so every rank agrees",
+        default=0.0,
+    )
+    seq_kd: bool = _help(
+        "off-policy steps train on teacher-generated completions (needs --teacher_model_name_or_path)",
+        default=False,
+    )
+    max_new_tokens: int | None = _help("tokens generated per completion (needed for lmbda/seq_kd)", default=None)
+    generation_temperature: float = _help("sampling temperature of generated completions; 0 = greedy", default=1.0)
+
+    # --- schedule, checkpoints, evaluation
+    logging_steps: int = _help("log (rank 0) every N optimizer steps", default=10)
+    save_steps: int | None = _help("DeepSpeed checkpoint every N steps (off if unset)", default=None)
+    resume_from_checkpoint: str | None = _help(
+        "a checkpoint directory (output_dir/checkpoints/step-N), a checkpoints root with a `latest` file, "
         "or `latest` (output_dir/checkpoints)",
+        default=None,
     )
-    g.add_argument("--eval_file", default=None, help="held-out JSONL (prompt/completion) for KL and cross-entropy")
-    g.add_argument("--eval_steps", type=int, default=None, help="evaluate every N steps (and at the end)")
-    g.add_argument(
-        "--eval_batch_size", type=int, default=None, help="sequences per evaluation batch (default: micro-batch)"
-    )
-    g.add_argument(
-        "--report_to",
-        choices=["tensorboard", "none"],
+    eval_file: str | None = _help("held-out JSONL (prompt/completion) for KL and cross-entropy", default=None)
+    eval_steps: int | None = _help("evaluate every N steps (and at the end)", default=None)
+    eval_batch_size: int | None = _help("sequences per evaluation batch (default: micro-batch)", default=None)
+    report_to: Literal["tensorboard", "none"] = _help(
+        "TensorBoard event files in output_dir/tensorboard (rank 0); JSONL logs are always written",
         default="tensorboard",
-        help="TensorBoard event files in output_dir/tensorboard (rank 0); JSONL logs are always written",
     )
-    g.add_argument("--no_export", action="store_true", help="skip the final save_pretrained export")
+    no_export: bool = _help("skip the final save_pretrained export", default=False)
 
-    g = p.add_argument_group("DeepSpeed")
-    g.add_argument(
-        "--deepspeed",
-        "--deepspeed_config",
-        dest="deepspeed_config",
-        required=True,
-        help="DeepSpeed JSON config (batch sizes, optimizer, ZeRO stage); see deploy/ds_zero*.json",
+    # --- DeepSpeed
+    bf16: bool = _help("enable the config's bf16 section (refused where the hardware has no bf16)", default=False)
+    local_rank: int = _help(
+        "set by the deepspeed launcher", default_factory=lambda: int(os.environ.get("LOCAL_RANK", -1))
     )
-    g.add_argument(
-        "--bf16",
-        action="store_true",
-        help="enable the config's bf16 section (refused where the hardware has no bf16)",
-    )
-    g.add_argument(
-        "--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", -1)), help="set by the deepspeed launcher"
-    )
-    return p
+
+    ds_config: dict[str, Any] | None = field(default=None, init=False, repr=False)
+    """The parsed DeepSpeed config, set by :func:`check_files`."""
+
+    def __post_init__(self) -> None:
+        _check_choices(self)
+        if not 0.0 <= self.beta <= 1.0:
+            raise ValueError(f"--beta must be in [0, 1], got {self.beta}")
+        if self.temperature <= 0:
+            raise ValueError(f"--temperature must be > 0, got {self.temperature}")
+        if self.local_teacher and self.teacher_url is not None:
+            raise ValueError("--teacher_url and --teacher_model_name_or_path are alternatives; give one")
+        if self.local_teacher and self.teacher_api != "gkd":
+            raise ValueError("--teacher_api applies to a teacher service, not to --teacher_model_name_or_path")
+        if not self.local_teacher and self.teacher_url is None:
+            self.teacher_url = os.environ.get("TEACHER_URL", DEFAULT_TEACHER_URL)
+        if not self.local_teacher and self.tail == "tail" and self.temperature != 1.0:
+            raise ValueError(
+                "--tail tail needs --temperature 1 (the teacher's tail mass is known at temperature 1 only); "
+                "use --tail renorm with other temperatures"
+            )
+        for name, low in (("top_k", 1), ("prefetch_depth", 0), ("teacher_max_retries", 0)):
+            if getattr(self, name) < low:
+                raise ValueError(f"--{name} must be >= {low}, got {getattr(self, name)}")
+        for name in ("max_steps", "logging_steps", "save_steps", "eval_steps", "eval_batch_size", "max_new_tokens"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{name} must be >= 1, got {value}")
+        if self.max_completion_length is not None and self.max_completion_length < 1:
+            raise ValueError(f"--max_completion_length must be >= 1, got {self.max_completion_length}")
+        if self.max_completion_length is not None and self.max_completion_length >= self.max_length:
+            raise ValueError(
+                f"--max_completion_length {self.max_completion_length} leaves no room for the prompt inside "
+                f"--max_length {self.max_length} (the total)"
+            )
+        if self.sft_alpha < 0:
+            raise ValueError(f"--sft_alpha must be >= 0, got {self.sft_alpha}")
+        if not 0.0 <= self.lmbda <= 1.0:
+            raise ValueError(f"--lmbda must be in [0, 1], got {self.lmbda}")
+        if self.generation_temperature < 0:
+            raise ValueError(f"--generation_temperature must be >= 0, got {self.generation_temperature}")
+        if self.seq_kd and not self.local_teacher:
+            raise ValueError(
+                "--seq_kd needs a teacher that generates: the teacher service has no generation endpoint; "
+                "use --teacher_model_name_or_path DIR (in-process teacher)"
+            )
+        if self.generates and self.max_new_tokens is None:
+            raise ValueError(
+                f"--lmbda {self.lmbda}{' with --seq_kd' if self.seq_kd else ''} generates completions: "
+                "set --max_new_tokens (and optionally --generation_temperature)"
+            )
+        if self.generates and self.max_new_tokens is not None and self.max_new_tokens >= self.max_length:
+            raise ValueError(
+                f"--max_new_tokens {self.max_new_tokens} leaves no room for the prompt inside --max_length"
+            )
+        if self.eval_steps is not None and self.eval_file is None:
+            raise ValueError("--eval_steps needs --eval_file")
+
+    @property
+    def local_teacher(self) -> bool:
+        return self.teacher_model_name_or_path is not None
+
+    @property
+    def generates(self) -> bool:
+        """Some steps train on generated completions (on-policy, or sequence-level KD)."""
+        return self.lmbda > 0 or self.seq_kd
+
+    @property
+    def loss(self) -> LossConfig:
+        """What the loss and evaluation need, and nothing else."""
+        return LossConfig(beta=self.beta, temperature=self.temperature, tail=self.tail)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved settings, for the run's log (the parsed DeepSpeed config is logged by DeepSpeed)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
 
 
-def _config_argv(parser: argparse.ArgumentParser, path: str) -> list[str]:
-    """A YAML file turned into command-line tokens, so types and choices are checked as for flags."""
+def _check_choices(config: TrainerConfig) -> None:
+    """Literal fields hold one of their choices, whether set by a flag, YAML or code."""
+    for name, hint in typing.get_type_hints(TrainerConfig).items():
+        choices, value = typing.get_args(hint), getattr(config, name)
+        if typing.get_origin(hint) is Literal and value not in choices:
+            raise ValueError(f"--{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default only where there is one (required flags and unset options would read "default: None")."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.required:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def build_parser() -> HfArgumentParser:
+    """The CLI: one flag per :class:`TrainerConfig` field, plus ``--config``."""
+    parser = HfArgumentParser(
+        TrainerConfig, prog="student_trainer", description=DESCRIPTION, formatter_class=_HelpFormatter
+    )
+    parser.add_argument("--config", help="YAML file whose keys are these flag names; command-line flags override it")
+    return parser
+
+
+def _flag_names() -> dict[str, str]:
+    """Every name a YAML key may use (field names and their aliases) -> the field."""
+    names = {}
+    for f in dataclasses.fields(TrainerConfig):
+        if not f.init or f.name == "local_rank":
+            continue
+        names[f.name] = f.name
+        for alias in f.metadata.get("aliases", []):
+            names[alias.lstrip("-")] = f.name
+    return names
+
+
+def _apply_yaml(parser: HfArgumentParser, path: str) -> None:
+    """YAML values become the parser's defaults (TRL's pattern), so flags override them and types are checked.
+
+    Values are handed to argparse as strings: it converts string defaults with each flag's type
+    (int, float, choices, booleans), so a bad value fails as it would on the command line.
+    """
     try:
         data = yaml.safe_load(Path(path).read_text())
     except (OSError, yaml.YAMLError) as exc:
         parser.error(f"--config {path}: {exc}")
     if data is None:
-        return []
+        return
     if not isinstance(data, dict):
         parser.error(f"--config {path}: expected a mapping of flag names to values")
-    argv: list[str] = []
+    names = _flag_names()
+    defaults: dict[str, Any] = {}
     for key, value in data.items():
-        flag = f"--{key}"
-        action = parser._option_string_actions.get(flag)
-        if action is None or key in ("config", "local_rank"):
+        if key not in names:
             parser.error(f"--config {path}: unknown key {key!r} (keys are flag names, e.g. top_k)")
-        if isinstance(action, argparse._StoreTrueAction):
-            if not isinstance(value, bool):
-                parser.error(f"--config {path}: {key} must be true or false")
-            argv += [flag] if value else []
-        elif value is not None:
-            if isinstance(value, (list, dict)):
-                parser.error(f"--config {path}: {key} must be a single value")
-            argv += [flag, str(value)]
-    return argv
+        if isinstance(value, (list, dict)):
+            parser.error(f"--config {path}: {key} must be a single value")
+        defaults[names[key]] = None if value is None else str(value)
+    parser.set_defaults(**defaults)
+    for action in parser._actions:
+        if action.dest in defaults:
+            action.required = False  # the file supplies it
 
 
-def parse_args(argv: Sequence[str] | None = None, check_files: bool = True) -> argparse.Namespace:
-    """Flags (and ``--config`` YAML) checked for consistency; ``check_files=False`` skips what needs the
-    filesystem (inputs existing, the DeepSpeed config's contents), e.g. to check a container's command."""
+def parse_args(argv: Sequence[str] | None = None, check_files: bool = True) -> TrainerConfig:
+    """Flags (and ``--config`` YAML) into a checked :class:`TrainerConfig`; a bad one exits 2 naming the flag.
+
+    ``check_files=False`` skips what needs the filesystem (inputs existing, the DeepSpeed config's
+    contents), e.g. to check a container's command.
+    """
     parser = build_parser()
     tokens = list(argv) if argv is not None else sys.argv[1:]
-    config_only = argparse.ArgumentParser(add_help=False)
-    config_only.add_argument("--config")
-    config_path = config_only.parse_known_args(tokens)[0].config
+    config_path = _config_path(tokens)
     if config_path:
-        tokens = _config_argv(parser, config_path) + tokens  # later tokens win: the command line overrides
-    args = parser.parse_args(tokens)
-    check_args(parser, args)
-    if check_files:
-        check_files_exist(parser, args)
-    return args
+        _apply_yaml(parser, config_path)
+    try:
+        config, _ = parser.parse_args_into_dataclasses(tokens, look_for_args_file=False)
+        if check_files:
+            check_files_exist(config)
+    except ValueError as exc:
+        parser.error(str(exc))
+    return config
+
+
+def _config_path(tokens: list[str]) -> str | None:
+    for i, token in enumerate(tokens):
+        if token == "--config" and i + 1 < len(tokens):
+            return tokens[i + 1]
+        if token.startswith("--config="):
+            return token.split("=", 1)[1]
+    return None
 
 
 def _is_hub_id(value: str) -> bool:
@@ -222,86 +337,21 @@ def _is_hub_id(value: str) -> bool:
     return re.fullmatch(r"[\w.-]+(/[\w.-]+)?", value) is not None and not value.startswith(".")
 
 
-def check_files_exist(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+def check_files_exist(config: TrainerConfig) -> None:
     """Inputs exist (models may also be hub ids), the resume point is found, the DeepSpeed config is valid."""
-    fail = parser.error
     for name in ("model_name_or_path", "teacher_model_name_or_path", "train_file", "eval_file"):
-        value = getattr(args, name)
+        value = getattr(config, name)
         if value is None or Path(value).exists():
             continue
         if name.endswith("model_name_or_path") and _is_hub_id(value):
             continue
-        fail(f"--{name} {value} does not exist")
-    if args.resume_from_checkpoint is not None:
+        raise ValueError(f"--{name} {value} does not exist")
+    if config.resume_from_checkpoint is not None:
         try:
-            resolve_resume(args.resume_from_checkpoint, args.output_dir)
+            resolve_resume(config.resume_from_checkpoint, config.output_dir)
         except FileNotFoundError as exc:
-            fail(f"--resume_from_checkpoint: {exc}")
+            raise ValueError(f"--resume_from_checkpoint: {exc}") from exc
     try:
-        args.ds_config = load_deepspeed_config(args.deepspeed_config, bf16=args.bf16)
+        config.ds_config = load_deepspeed_config(config.deepspeed_config, bf16=config.bf16)
     except DeepSpeedConfigError as exc:
-        fail(str(exc))
-
-
-def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Incompatible combinations fail here, before any model loads, naming the flags."""
-    fail = parser.error
-    if not 0.0 <= args.beta <= 1.0:
-        fail(f"--beta must be in [0, 1], got {args.beta}")
-    if args.temperature <= 0:
-        fail(f"--temperature must be > 0, got {args.temperature}")
-    local_teacher = args.teacher_model_name_or_path is not None
-    if local_teacher and args.teacher_url is not None:
-        fail("--teacher_url and --teacher_model_name_or_path are alternatives; give one")
-    if local_teacher and args.teacher_api != "gkd":
-        fail("--teacher_api applies to a teacher service, not to --teacher_model_name_or_path")
-    if not local_teacher and args.teacher_url is None:
-        args.teacher_url = os.environ.get("TEACHER_URL", DEFAULT_TEACHER_URL)
-    if not local_teacher and args.tail == "tail" and args.temperature != 1.0:
-        fail(
-            "--tail tail needs --temperature 1 (the teacher's tail mass is known at temperature 1 only); "
-            "use --tail renorm with other temperatures"
-        )
-    if args.top_k < 1:
-        fail(f"--top_k must be >= 1, got {args.top_k}")
-    if args.prefetch_depth < 0:
-        fail(f"--prefetch_depth must be >= 0, got {args.prefetch_depth}")
-    if args.teacher_max_retries < 0:
-        fail(f"--teacher_max_retries must be >= 0, got {args.teacher_max_retries}")
-    for name in ("max_steps", "logging_steps", "save_steps", "eval_steps", "eval_batch_size", "max_new_tokens"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            fail(f"--{name} must be >= 1, got {value}")
-    if args.max_completion_length is not None and args.max_completion_length < 1:
-        fail(f"--max_completion_length must be >= 1, got {args.max_completion_length}")
-    if args.max_completion_length is not None and args.max_completion_length >= args.max_length:
-        fail(
-            f"--max_completion_length {args.max_completion_length} leaves no room for the prompt inside "
-            f"--max_length {args.max_length} (the total)"
-        )
-    if args.sft_alpha < 0:
-        fail(f"--sft_alpha must be >= 0, got {args.sft_alpha}")
-    if not 0.0 <= args.lmbda <= 1.0:
-        fail(f"--lmbda must be in [0, 1], got {args.lmbda}")
-    if args.generation_temperature < 0:
-        fail(f"--generation_temperature must be >= 0, got {args.generation_temperature}")
-    if args.seq_kd and not local_teacher:
-        fail(
-            "--seq_kd needs a teacher that generates: the teacher service has no generation endpoint; "
-            "use --teacher_model_name_or_path DIR (in-process teacher)"
-        )
-    generates = args.lmbda > 0 or args.seq_kd
-    if generates and args.max_new_tokens is None:
-        fail(
-            f"--lmbda {args.lmbda}{' with --seq_kd' if args.seq_kd else ''} generates completions: "
-            "set --max_new_tokens (and optionally --generation_temperature)"
-        )
-    if generates and args.max_new_tokens >= args.max_length:
-        fail(f"--max_new_tokens {args.max_new_tokens} leaves no room for the prompt inside --max_length")
-    if args.eval_steps is not None and args.eval_file is None:
-        fail("--eval_steps needs --eval_file")
-
-
-def describe(args: argparse.Namespace) -> dict[str, object]:
-    """The resolved flags, for the run's log (the parsed DeepSpeed config is logged by DeepSpeed)."""
-    return {k: v for k, v in vars(args).items() if k != "ds_config"}
+        raise ValueError(str(exc)) from exc

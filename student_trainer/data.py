@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from shared.alignment import pad_sequences, padded_positions
+
 logger = logging.getLogger(__name__)
 
 
@@ -36,6 +38,11 @@ class Batch:
     @property
     def num_target_tokens(self) -> int:
         return sum(len(s) - 1 - f for s, f in zip(self.sequences, self.first_rows, strict=True))
+
+    def row_index(self, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """(batch, position) index of every loss row (completion rows only), in the teacher frame's order."""
+        b_idx, t_idx = padded_positions(self.attention_mask, self.first_rows)
+        return b_idx.to(device), t_idx.to(device)
 
     def prompts(self) -> list[list[int]]:
         """Each sequence's prompt: the tokens before its first completion token."""
@@ -78,12 +85,7 @@ def load_jsonl(path: str | Path, tokenizer, max_length: int, max_completion_leng
 
 
 def collate(examples: list[Example], pad_id: int) -> Batch:
-    width = max(len(e.input_ids) for e in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(examples), width, dtype=torch.long)
-    for b, e in enumerate(examples):
-        ids[b, : len(e.input_ids)] = torch.tensor(e.input_ids)
-        mask[b, : len(e.input_ids)] = 1
+    ids, mask = pad_sequences([e.input_ids for e in examples], pad_id)
     return Batch(ids, mask, [e.first_row for e in examples], [e.input_ids for e in examples])
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -10,11 +9,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from shared.alignment import next_token_labels, padded_positions
+from shared.alignment import next_token_labels
 from student_trainer.data import Batch, Example, collate
-from student_trainer.loss import gkd_topk_loss
+from student_trainer.loss import LossConfig, gkd_topk_loss
 from student_trainer.normalization import all_reduce_sum
-from student_trainer.teachers import Handle, TeacherRows
+from student_trainer.teacher.rows import Handle, TeacherRows
 
 RowLogitsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -54,9 +53,8 @@ def evaluate(
     for lo in range(0, len(examples), batch_size):
         batch = collate(examples[lo : lo + batch_size], pad_id)
         ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
-        b_idx, t_idx = padded_positions(batch.attention_mask, batch.first_rows)
-        labels = next_token_labels(batch.input_ids, b_idx, t_idx).to(device)
-        b_idx, t_idx = b_idx.to(device), t_idx.to(device)
+        b_idx, t_idx = batch.row_index(device)
+        labels = next_token_labels(ids, b_idx, t_idx)
         s_logits = student(ids, mask, b_idx, t_idx).float()
         ce_sum += float(F.cross_entropy(s_logits, labels, reduction="sum"))
         if teacher is not None:
@@ -78,7 +76,7 @@ def sharded_eval(
     batch_size: int,
     pad_id: int,
     top_k: int,
-    args: argparse.Namespace,
+    loss: LossConfig,
     device: torch.device,
 ) -> dict[str, float]:
     """Held-out metrics of the training student, each rank on its shard, summed over ranks.
@@ -97,15 +95,13 @@ def sharded_eval(
         while len(window) < 2 and i + len(window) < len(batches):  # teacher rows one batch ahead
             window.append(request(batches[i + len(window)]))
         rows = window.popleft().result()
-        b_idx, t_idx = padded_positions(batch.attention_mask, batch.first_rows)
-        labels = next_token_labels(batch.input_ids, b_idx, t_idx).to(device)
-        logits = student(
-            batch.input_ids.to(device), batch.attention_mask.to(device), b_idx.to(device), t_idx.to(device)
-        ).float()
+        b_idx, t_idx = batch.row_index(device)
+        labels = next_token_labels(batch.input_ids.to(device), b_idx, t_idx)
+        logits = student(batch.input_ids.to(device), batch.attention_mask.to(device), b_idx, t_idx).float()
         t_ids, t_lp = rows.topk(top_k, device)
         ce += float(F.cross_entropy(logits, labels, reduction="sum"))
         kl += float(gkd_topk_loss(logits, t_ids, t_lp, beta=0.0, tail="renorm").sum())
-        gkd += float(rows.gkd_loss(logits, args).sum())
+        gkd += float(rows.gkd_loss(logits, loss).sum())
         tokens += labels.numel()
     ce, kl, gkd, total = all_reduce_sum([ce, kl, gkd, float(tokens)], device)
     return {"ce": ce / total, "kl_topk": kl / total, "gkd_loss": gkd / total, "tokens": total}

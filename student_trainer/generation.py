@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from transformers import GenerationConfig
 
+from shared.alignment import pad_sequences
+
 
 def generate_completions(
     model: torch.nn.Module,
@@ -26,12 +28,8 @@ def generate_completions(
 ) -> list[list[int]]:
     """Per prompt, the generated tokens up to and including the first EOS (or ``max_new_tokens`` of them)."""
     device = next(model.parameters()).device
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for b, p in enumerate(prompts):  # left padding: every prompt ends where generation starts
-        ids[b, width - len(p) :] = torch.tensor(p)
-        mask[b, width - len(p) :] = 1
+    ids, mask = pad_sequences(prompts, pad_id, side="left")  # every prompt ends where generation starts
+    width = ids.shape[1]
     sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature > 0 else {}
     config = GenerationConfig(max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_id, **sampling)
     was_training = model.training

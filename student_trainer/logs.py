@@ -1,8 +1,10 @@
-"""Rank-0 run logs: JSONL records (train_log.jsonl, eval_log.jsonl) and TensorBoard scalars."""
+"""Rank-0 run logs: JSONL records (train_log.jsonl, eval_log.jsonl) and TensorBoard scalars; upstream noise kept
+off the user's terminal."""
 
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -39,3 +41,15 @@ class RunLog:
             f.close()
         if self._writer is not None:
             self._writer.close()
+
+
+def quiet_upstream_warnings() -> None:
+    """Silence deprecations that DeepSpeed triggers in torch.distributed on every collective (dozens per run).
+
+    Only these known upstream messages: this project's own warnings, and any other, still show.
+    """
+    warnings.filterwarnings(
+        "ignore",
+        message=r"`torch\.distributed\.[\w.]+` (is deprecated|is a private function|will be deprecated)",
+        category=FutureWarning,
+    )

@@ -10,8 +10,8 @@ import torch
 
 from demo.tiny import TinyAssets
 from shared.protocol import TOPK_MEDIA_TYPE
-from student_trainer.client import TeacherClient
-from student_trainer.errors import (
+from student_trainer.teacher import TeacherClient
+from student_trainer.teacher.errors import (
     TeacherMismatchError,
     TeacherRequestError,
     TeacherUnavailableError,

@@ -17,8 +17,8 @@ from servers import serve_in_thread
 
 from demo.tiny import TinyAssets
 from shared.codec import decode_frame
-from student_trainer.client import TeacherClient
-from student_trainer.errors import TeacherRequestError
+from student_trainer.teacher import TeacherClient
+from student_trainer.teacher.errors import TeacherRequestError
 from teacher_service.app import create_app
 from teacher_service.config import ServiceConfig
 from teacher_service.engines.base import ScoreJob

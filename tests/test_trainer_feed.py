@@ -8,13 +8,14 @@ import torch
 
 from shared.codec import TopkFrame, encode_frame
 from shared.protocol import TOPK_MEDIA_TYPE, RequestLimits, TeacherInfo
-from student_trainer.client import TeacherClient
 from student_trainer.data import Example, ShardedBatches
-from student_trainer.errors import TeacherUnavailableError
-from student_trainer.feed import TeacherFeed
-from student_trainer.prefetch import TeacherPrefetcher
 from student_trainer.schedule import derived_seed, step_source
-from student_trainer.teachers import Deferred, ServiceTeacher
+from student_trainer.teacher import TeacherClient
+from student_trainer.teacher.errors import TeacherUnavailableError
+from student_trainer.teacher.feed import TeacherFeed
+from student_trainer.teacher.prefetch import TeacherPrefetcher
+from student_trainer.teacher.rows import Deferred
+from student_trainer.teacher.service import ServiceTeacher
 
 EXAMPLES = [Example([1, 2 + i % 5, 3, 4, 5][: 3 + i % 3], 2) for i in range(40)]
 

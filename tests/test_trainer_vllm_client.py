@@ -15,9 +15,9 @@ import torch
 from launcher import REPO, failure_output, launch, read_jsonl
 
 from demo.tiny import TinyAssets
-from student_trainer.client import make_client
-from student_trainer.errors import TeacherMismatchError, TeacherProtocolError, TeacherUnavailableError
-from student_trainer.vllm_client import VllmTeacherClient, parse_prompt_logprobs
+from student_trainer.teacher import make_client
+from student_trainer.teacher.errors import TeacherMismatchError, TeacherProtocolError, TeacherUnavailableError
+from student_trainer.teacher.vllm import VllmTeacherClient, parse_prompt_logprobs
 from teacher_service.process import TeacherProcess
 
 VOCAB = 40

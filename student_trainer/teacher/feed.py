@@ -12,7 +12,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 
 from student_trainer.data import Batch
-from student_trainer.teachers import Handle, TeacherRows
+from student_trainer.teacher.rows import Handle, TeacherRows
 
 
 class TeacherFeed:

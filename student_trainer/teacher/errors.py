@@ -1,4 +1,11 @@
-"""Typed teacher-client failures, always raised ``from`` their cause. A failure stops training."""
+"""Typed teacher-client failures, always raised ``from`` their cause. A failure stops training.
+
+TeacherError                      the teacher could not supply the rows a step needs
+├── TeacherUnavailableError       connection failures or overload (429/502-504) that outlasted the retries
+├── TeacherRequestError           the teacher refused a request (4xx/500): retrying cannot help
+├── TeacherProtocolError          the answer does not match the request, or the wire format
+└── TeacherMismatchError          handshake: this teacher cannot teach this student
+"""
 
 from __future__ import annotations
 

@@ -24,8 +24,8 @@ import torch
 from shared.alignment import num_rows, row_offsets, vllm_entry_for_row
 from shared.codec import TopkFrame
 from shared.protocol import LogprobDtype
-from student_trainer.client import HttpTeacher
-from student_trainer.errors import TeacherMismatchError, TeacherProtocolError, TeacherRequestError
+from student_trainer.teacher.base import HttpTeacher
+from student_trainer.teacher.errors import TeacherMismatchError, TeacherProtocolError, TeacherRequestError
 
 logger = logging.getLogger(__name__)
 

@@ -13,13 +13,13 @@ import threading
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-from student_trainer.client import TeacherClient
+from student_trainer.teacher.base import AsyncTeacherClient
 
 T = TypeVar("T")
 
 
 class TeacherPrefetcher:
-    def __init__(self, client_factory: Callable[[], TeacherClient], depth: int = 2) -> None:
+    def __init__(self, client_factory: Callable[[], AsyncTeacherClient], depth: int = 2) -> None:
         if depth < 1:
             raise ValueError(f"prefetch depth must be >= 1, got {depth}")
         self._loop = asyncio.new_event_loop()
@@ -27,17 +27,17 @@ class TeacherPrefetcher:
         self._thread.start()
         self._slots = threading.BoundedSemaphore(depth)
         self.depth = depth
-        self.client: TeacherClient = self.run(self._make(client_factory))
+        self.client: AsyncTeacherClient = self.run(self._make(client_factory))
 
     @staticmethod
-    async def _make(factory: Callable[[], TeacherClient]) -> TeacherClient:
-        return factory()
+    async def _make(factory: Callable[[], AsyncTeacherClient]) -> AsyncTeacherClient:
+        return factory()  # on the loop: the client's connection pool belongs to it
 
     def run(self, coro: Awaitable[T]) -> T:
         """Run a coroutine on the background loop and wait for it (set-up calls, handshakes)."""
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()  # type: ignore[arg-type]
 
-    def submit(self, fn: Callable[[TeacherClient], Awaitable[T]]) -> concurrent.futures.Future[T]:
+    def submit(self, fn: Callable[[AsyncTeacherClient], Awaitable[T]]) -> concurrent.futures.Future[T]:
         """Start ``fn(client)`` now; the returned future resolves to its result or raises its error."""
         self._slots.acquire()
         fut = asyncio.run_coroutine_threadsafe(fn(self.client), self._loop)  # type: ignore[arg-type]

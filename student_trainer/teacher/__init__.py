@@ -1,0 +1,94 @@
+"""Teachers of the trainer: clients of the teacher APIs, the prefetcher that overlaps them with training,
+and the in-process alternative.
+
+Layout (as httpx's ``_transports``): ``base`` holds the client contract and the HTTP plumbing;
+``gkd`` (this project's binary API) and ``vllm`` (``/v1/completions`` with ``prompt_logprobs``)
+each import only the base; ``errors`` draws the exception tree. ``prefetch`` runs a client on a
+background event loop, ``feed`` requests micro-batches ahead of training, ``rows`` is what a
+step receives, ``service`` and ``local`` are the two teachers a run can have.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import TYPE_CHECKING, Any
+
+from shared.fingerprint import tokenizer_fingerprint
+from student_trainer.teacher.base import TOKENIZER_PROBE, AsyncTeacherClient, HttpTeacher
+from student_trainer.teacher.errors import (
+    TeacherError,
+    TeacherMismatchError,
+    TeacherProtocolError,
+    TeacherRequestError,
+    TeacherUnavailableError,
+)
+from student_trainer.teacher.gkd import TeacherClient
+from student_trainer.teacher.local import LocalTeacher
+from student_trainer.teacher.prefetch import TeacherPrefetcher
+from student_trainer.teacher.rows import Teacher, TeacherRows
+from student_trainer.teacher.service import ServiceTeacher
+from student_trainer.teacher.vllm import VllmTeacherClient
+
+if TYPE_CHECKING:
+    from student_trainer.config import TrainerConfig
+
+__all__ = [
+    "TOKENIZER_PROBE",
+    "AsyncTeacherClient",
+    "HttpTeacher",
+    "LocalTeacher",
+    "ServiceTeacher",
+    "Teacher",
+    "TeacherClient",
+    "TeacherError",
+    "TeacherMismatchError",
+    "TeacherPrefetcher",
+    "TeacherProtocolError",
+    "TeacherRequestError",
+    "TeacherRows",
+    "TeacherUnavailableError",
+    "VllmTeacherClient",
+    "make_client",
+    "open_teacher",
+]
+
+logger = logging.getLogger(__name__)
+
+CLIENTS: dict[str, type[TeacherClient] | type[VllmTeacherClient]] = {"gkd": TeacherClient, "vllm": VllmTeacherClient}
+"""``--teacher_api`` -> client class."""
+
+
+def make_client(api: str, base_url: str, **kwargs: Any) -> AsyncTeacherClient:
+    """The client for ``--teacher_api`` (``gkd`` or ``vllm``)."""
+    if api not in CLIENTS:
+        raise ValueError(f"unknown teacher API {api!r}; expected one of {sorted(CLIENTS)}")
+    return CLIENTS[api](base_url, **kwargs)
+
+
+def open_teacher(config: TrainerConfig, tokenizer: Any, vocab: int) -> Teacher:
+    """The run's teacher, checked against the student's tokenizer before any student weights load."""
+    fingerprint = tokenizer_fingerprint(tokenizer)
+    if config.teacher_model_name_or_path is not None:
+        return LocalTeacher(config.teacher_model_name_or_path, fingerprint, vocab)
+    assert config.teacher_url is not None  # TrainerConfig fills in the default
+    url = config.teacher_url
+    api_key = os.environ.get(config.teacher_api_key_env) or None
+    prefetcher = TeacherPrefetcher(
+        lambda: make_client(
+            config.teacher_api,
+            url,
+            timeout=config.teacher_timeout,
+            api_key=api_key,
+            max_retries=config.teacher_max_retries,
+        ),
+        depth=max(config.prefetch_depth, 1),
+    )
+    try:
+        probe = (TOKENIZER_PROBE, tokenizer(TOKENIZER_PROBE, add_special_tokens=False).input_ids)
+        info = prefetcher.run(prefetcher.client.check_compatible(vocab, fingerprint, config.top_k, probe=probe))
+    except BaseException:
+        prefetcher.close()
+        raise
+    logger.info("teacher %r at %s (%s API)", info.model, url, config.teacher_api)
+    return ServiceTeacher(prefetcher, config.top_k, want_tail=config.tail == "tail", prefetch=config.prefetch_depth > 0)

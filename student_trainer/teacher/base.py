@@ -1,0 +1,158 @@
+"""The teacher-client contract and the HTTP plumbing every client shares.
+
+A client is asynchronous, one per trainer (never a module global: the served model name and
+handshake are cached on the instance), and makes one request per micro-batch. Transient
+failures (connection errors, 429, 502-504) are retried with capped backoff honouring
+``Retry-After``; everything else raises a typed error from :mod:`.errors`. A failed request
+never turns into filler rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Sequence
+from typing import Protocol, TypeVar
+
+import httpx
+
+from shared.codec import TopkFrame
+from shared.protocol import LogprobDtype
+from student_trainer.teacher.errors import TeacherError, TeacherRequestError, TeacherUnavailableError
+
+logger = logging.getLogger(__name__)
+
+TRANSIENT_STATUS = frozenset({429, 502, 503, 504})
+
+TOKENIZER_PROBE = "GKD probe: The 3 quick foxes, 42 + 17 = 59; naïve café 東京 🙂\n\tend."
+"""Text whose token ids teacher and student must agree on (where a teacher publishes no fingerprint)."""
+
+
+class ServedModel(Protocol):
+    """What every handshake names: the served model (sent back in each request)."""
+
+    @property
+    def model(self) -> str: ...
+
+
+class AsyncTeacherClient(Protocol):
+    """What the trainer needs from a teacher, whatever API it speaks."""
+
+    base_url: str
+
+    async def info(self) -> ServedModel:
+        """The teacher's handshake, fetched once per client instance."""
+        ...
+
+    async def check_compatible(
+        self, vocab_size: int, tokenizer_fingerprint: str, top_k: int, probe: tuple[str, list[int]] | None = None
+    ) -> ServedModel:
+        """Refuse (:class:`~.errors.TeacherMismatchError`) a teacher that would teach the wrong tokens."""
+        ...
+
+    async def topk_logprobs(
+        self,
+        sequences: Sequence[Sequence[int]],
+        top_k: int,
+        first_rows: Sequence[int] | None = None,
+        logprobs_dtype: LogprobDtype = "float16",
+        return_target_logprobs: bool = False,
+        return_tail_logmass: bool = False,
+    ) -> TopkFrame:
+        """Top-k rows ``first_rows[b]..`` of every sequence of one micro-batch, checked against the request."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+_C = TypeVar("_C", bound="HttpTeacher")
+
+
+class HttpTeacher:
+    """Pooled connections and retries of transient failures, for the concrete clients to build on."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        timeout: float = 120.0,
+        connect_timeout: float = 10.0,
+        api_key: str | None = None,
+        max_retries: int = 5,
+        backoff_base: float = 0.5,
+        backoff_max: float = 30.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._http = httpx.AsyncClient(
+            base_url=self.base_url,
+            timeout=httpx.Timeout(timeout, connect=connect_timeout),
+            limits=httpx.Limits(max_connections=16, max_keepalive_connections=8),
+            headers=headers,
+            transport=transport,
+        )
+        self.max_retries = max_retries
+        self.backoff_base = backoff_base
+        self.backoff_max = backoff_max
+
+    async def __aenter__(self: _C) -> _C:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def _request(self, method: str, path: str, **kwargs: object) -> httpx.Response:
+        """One HTTP call with retries for transient failures only."""
+        attempt = 0
+        while True:
+            try:
+                resp = await self._http.request(method, path, **kwargs)  # type: ignore[arg-type]
+            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.ReadError) as exc:
+                if attempt >= self.max_retries:
+                    raise TeacherUnavailableError(
+                        f"teacher at {self.base_url} unreachable after {attempt + 1} attempts: {exc!r}"
+                    ) from exc
+                delay = self._backoff(attempt, None)
+            except httpx.TimeoutException as exc:
+                raise TeacherUnavailableError(f"teacher at {self.base_url} timed out on {path}: {exc!r}") from exc
+            else:
+                if resp.status_code < 400:
+                    return resp
+                if resp.status_code not in TRANSIENT_STATUS or attempt >= self.max_retries:
+                    raise self._error_from(resp)
+                delay = self._backoff(attempt, resp.headers.get("retry-after"))
+            attempt += 1
+            logger.warning(
+                "teacher %s %s failed (attempt %d/%d), retrying in %.1fs",
+                method,
+                path,
+                attempt,
+                self.max_retries + 1,
+                delay,
+            )
+            await asyncio.sleep(delay)
+
+    def _backoff(self, attempt: int, retry_after: str | None) -> float:
+        if retry_after is not None:
+            try:
+                return min(float(retry_after), self.backoff_max)
+            except ValueError:
+                pass  # an HTTP-date Retry-After: fall back to exponential backoff
+        return min(self.backoff_base * 2**attempt, self.backoff_max) * (0.5 + random.random() / 2)
+
+    @staticmethod
+    def _error_from(resp: httpx.Response) -> TeacherError:
+        try:
+            body = resp.json()
+            err = body["error"] if isinstance(body.get("error"), dict) else body  # vLLM's older flat shape
+            message, param = str(err["message"]), err.get("param")
+        except (ValueError, KeyError, TypeError, AttributeError):
+            message, param = resp.text[:500], None
+        if resp.status_code in TRANSIENT_STATUS:
+            return TeacherUnavailableError(f"teacher overloaded (HTTP {resp.status_code}) after retries: {message}")
+        return TeacherRequestError(resp.status_code, message, param)

@@ -1,0 +1,109 @@
+"""The client of this project's teacher service: ``/v1/info`` handshake, ``/v1/topk_logprobs`` binary frames."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from shared.alignment import num_rows
+from shared.codec import FrameError, TopkFrame, decode_frame
+from shared.protocol import TOPK_MEDIA_TYPE, LogprobDtype, TeacherInfo, TopkRequest
+from student_trainer.teacher.base import HttpTeacher
+from student_trainer.teacher.errors import TeacherMismatchError, TeacherProtocolError
+
+logger = logging.getLogger(__name__)
+
+
+class TeacherClient(HttpTeacher):
+    """Talks to one teacher service of this project. Create one per trainer; use from a single event loop."""
+
+    def __init__(self, base_url: str, **kwargs: Any) -> None:
+        super().__init__(base_url, **kwargs)
+        self._info: TeacherInfo | None = None
+
+    async def info(self) -> TeacherInfo:
+        """The teacher's handshake, fetched once per client instance."""
+        if self._info is None:
+            resp = await self._request("GET", "/v1/info")
+            try:
+                self._info = TeacherInfo.model_validate_json(resp.content)
+            except ValueError as exc:
+                raise TeacherProtocolError(f"/v1/info answer is not a teacher handshake: {exc}") from exc
+            logger.info(
+                "teacher %s serves %r (vocab %d, max k %d, engine %s)",
+                self.base_url,
+                self._info.model,
+                self._info.vocab_size,
+                self._info.max_top_k,
+                self._info.engine,
+            )
+        return self._info
+
+    async def model_name(self) -> str:
+        return (await self.info()).model
+
+    async def check_compatible(
+        self, vocab_size: int, tokenizer_fingerprint: str, top_k: int, probe: tuple[str, list[int]] | None = None
+    ) -> TeacherInfo:
+        """Refuse to train against a teacher that would teach the wrong tokens (``probe`` is for other APIs)."""
+        info = await self.info()
+        if info.tokenizer_fingerprint != tokenizer_fingerprint:
+            raise TeacherMismatchError(
+                f"tokenizer mismatch: teacher {info.model!r} has {info.tokenizer_fingerprint}, "
+                f"student has {tokenizer_fingerprint}; teacher and student must share a tokenizer"
+            )
+        if info.vocab_size != vocab_size:
+            raise TeacherMismatchError(
+                f"vocabulary size mismatch: teacher {info.model!r} has {info.vocab_size}, student has {vocab_size}"
+            )
+        if top_k > info.max_top_k:
+            raise TeacherMismatchError(f"--top_k {top_k} exceeds the teacher's maximum of {info.max_top_k}")
+        return info
+
+    async def topk_logprobs(
+        self,
+        sequences: Sequence[Sequence[int]],
+        top_k: int,
+        first_rows: Sequence[int] | None = None,
+        logprobs_dtype: LogprobDtype = "float16",
+        return_target_logprobs: bool = False,
+        return_tail_logmass: bool = False,
+    ) -> TopkFrame:
+        """Top-k rows of a whole micro-batch in one request, checked against what was asked."""
+        model = await self.model_name()
+        req = TopkRequest(
+            model=model,
+            sequences=[list(map(int, s)) for s in sequences],
+            top_k=top_k,
+            first_rows=None if first_rows is None else [int(f) for f in first_rows],
+            logprobs_dtype=logprobs_dtype,
+            return_target_logprobs=return_target_logprobs,
+            return_tail_logmass=return_tail_logmass,
+        )
+        resp = await self._request(
+            "POST",
+            "/v1/topk_logprobs",
+            content=req.model_dump_json(exclude_none=True),
+            headers={"content-type": "application/json", "accept": TOPK_MEDIA_TYPE},
+        )
+        try:
+            frame = decode_frame(resp.content)
+        except FrameError as exc:
+            raise TeacherProtocolError(f"teacher sent an unreadable frame: {exc}") from exc
+        self._check_frame(frame, req, model)
+        return frame
+
+    @staticmethod
+    def _check_frame(frame: TopkFrame, req: TopkRequest, model: str) -> None:
+        firsts = req.resolved_first_rows()
+        expected = [num_rows(len(s)) - f for s, f in zip(req.sequences, firsts, strict=True)]
+        got = (frame.row_offsets[1:] - frame.row_offsets[:-1]).tolist()
+        if got != expected:
+            raise TeacherProtocolError(f"teacher returned rows per sequence {got}, expected {expected}")
+        if frame.top_k != req.top_k:
+            raise TeacherProtocolError(f"teacher returned k={frame.top_k}, asked for {req.top_k}")
+        if frame.first_rows.tolist() != firsts:
+            raise TeacherProtocolError("teacher returned different first rows than requested")
+        if frame.metadata.get("model") not in (None, model):
+            raise TeacherProtocolError(f"frame is from model {frame.metadata.get('model')!r}, expected {model!r}")

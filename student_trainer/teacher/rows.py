@@ -1,0 +1,88 @@
+"""A micro-batch's teacher rows, whichever teacher made them, and the handle the training loop waits on.
+
+The rows know their own loss, so the training loop does not branch on the teacher kind:
+:class:`TopkRows` (a teacher service's top-k frame) or :class:`FullRows` (an in-process
+teacher's full-vocabulary logits).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol, TypeVar
+
+import torch
+
+from shared.codec import TopkFrame
+from student_trainer.data import Batch
+from student_trainer.loss import LossConfig, gkd_full_vocab_loss, gkd_topk_loss
+
+T = TypeVar("T", covariant=True)
+
+
+class Handle(Protocol[T]):
+    def result(self) -> T: ...
+
+
+class Deferred:
+    """A handle computed on first ``result()`` (a future in flight, a synchronous fetch, an in-process teacher)."""
+
+    def __init__(self, compute: Callable[[], TeacherRows]) -> None:
+        self._compute: Callable[[], TeacherRows] | None = compute
+        self._value: TeacherRows | None = None
+
+    def result(self) -> TeacherRows:
+        if self._compute is not None:
+            self._value, self._compute = self._compute(), None
+        assert self._value is not None
+        return self._value
+
+
+@dataclass
+class TopkRows:
+    """The service's top-k rows of one micro-batch (a decoded frame)."""
+
+    frame: TopkFrame
+
+    def gkd_loss(self, student_logits: torch.Tensor, loss: LossConfig) -> torch.Tensor:
+        device = student_logits.device
+        tail = self.frame.tail_logmass
+        return gkd_topk_loss(
+            student_logits,
+            self.frame.token_ids.to(device),
+            self.frame.logprobs.to(device),
+            beta=loss.beta,
+            temperature=loss.temperature,
+            tail=loss.tail,
+            teacher_tail_logmass=None if tail is None else tail.to(device),
+        )
+
+    def topk(self, k: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.frame.token_ids[:, :k].to(device), self.frame.logprobs[:, :k].to(device)
+
+
+@dataclass
+class FullRows:
+    """The in-process teacher's logits [N, V] at the rows of one micro-batch."""
+
+    logits: torch.Tensor
+
+    def gkd_loss(self, student_logits: torch.Tensor, loss: LossConfig) -> torch.Tensor:
+        return gkd_full_vocab_loss(student_logits, self.logits, beta=loss.beta, temperature=loss.temperature)
+
+    def topk(self, k: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        lp, ids = torch.topk(torch.log_softmax(self.logits.float(), dim=-1), k, dim=-1)
+        return ids.to(device), lp.to(device)
+
+
+TeacherRows = TopkRows | FullRows
+
+
+class Teacher(Protocol):
+    """Where rows come from: ``request`` returns at once, ``result()`` on the handle waits for the rows."""
+
+    can_generate: bool
+
+    def request(self, batch: Batch) -> Handle[TeacherRows]: ...
+
+    def close(self) -> None: ...

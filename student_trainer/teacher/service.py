@@ -1,0 +1,36 @@
+"""Top-k rows from a teacher service, requested through the background prefetcher."""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+
+from shared.codec import TopkFrame
+from student_trainer.data import Batch
+from student_trainer.teacher.prefetch import TeacherPrefetcher
+from student_trainer.teacher.rows import Deferred, Handle, TeacherRows, TopkRows
+
+
+class ServiceTeacher:
+    """``request`` sends the micro-batch at once (or, with ``prefetch=False``, when its rows are needed)."""
+
+    can_generate = False
+
+    def __init__(self, prefetcher: TeacherPrefetcher, top_k: int, want_tail: bool, prefetch: bool) -> None:
+        self.prefetcher, self.top_k, self.want_tail, self.prefetch = prefetcher, top_k, want_tail, prefetch
+
+    def _submit(self, batch: Batch) -> Future[TopkFrame]:
+        top_k, want_tail = self.top_k, self.want_tail
+        return self.prefetcher.submit(
+            lambda client: client.topk_logprobs(
+                batch.sequences, top_k, first_rows=batch.first_rows, return_tail_logmass=want_tail
+            )
+        )
+
+    def request(self, batch: Batch) -> Handle[TeacherRows]:
+        if not self.prefetch:
+            return Deferred(lambda: TopkRows(self._submit(batch).result()))
+        future = self._submit(batch)
+        return Deferred(lambda: TopkRows(future.result()))
+
+    def close(self) -> None:
+        self.prefetcher.close()
