@@ -12,6 +12,7 @@ import student_trainer.docs
 from student_trainer.checkpoint import resolve_resume
 from student_trainer.config import FLAG_GROUPS, TrainerConfig, build_parser, parse_args
 from student_trainer.ds_config import DeepSpeedConfigError, bf16_available, load_deepspeed_config
+from student_trainer.loss import LossConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -149,3 +150,21 @@ def test_models_may_be_hub_ids_but_local_paths_must_exist(
     missing_data = [*base, "--train_file", str(tmp_path / "none.jsonl")]
     assert "--train_file" in refused(missing_data, capsys)
     assert parse_args(missing_data, check_files=False).train_file.endswith("none.jsonl")
+
+
+def test_the_config_checks_itself_when_built_in_code(tmp_path: Path) -> None:
+    """The same checks guard a TrainerConfig built in Python (a notebook, a launcher) as on the command line."""
+    required = {
+        "model_name_or_path": "m",
+        "train_file": "t.jsonl",
+        "output_dir": str(tmp_path),
+        "max_steps": 5,
+        "deepspeed_config": "ds.json",
+    }
+    config = TrainerConfig(**required, beta=0.25, tail="renorm", temperature=2.0)
+    assert config.loss == LossConfig(beta=0.25, temperature=2.0, tail="renorm")
+    assert config.teacher_url is not None  # the default teacher is filled in
+    with pytest.raises(ValueError, match="--tail must be one of 'renorm', 'tail', got 'bogus'"):
+        TrainerConfig(**required, tail="bogus")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"--beta must be in \[0, 1\]"):
+        TrainerConfig(**required, beta=2.0)
