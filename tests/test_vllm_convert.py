@@ -14,17 +14,12 @@ import torch
 
 from demo.tiny import TinyAssets
 from shared.alignment import vllm_entry_for_row
+from shared.vllm_logprobs import PromptLogprobsError, rows_from_dicts, rows_from_flat
 from teacher_service.app import build_engine
 from teacher_service.cli import parse_config
 from teacher_service.engines.base import ScoreJob
 from teacher_service.engines.hf import topk_rows
-from teacher_service.engines.vllm import (
-    PromptLogprobsLayoutError,
-    VLLMEngine,
-    frame_from_prompt_logprobs,
-    rows_from_dicts,
-    rows_from_flat,
-)
+from teacher_service.engines.vllm import VLLMEngine, frame_from_prompt_logprobs
 
 VOCAB = 50
 K = 5
@@ -119,18 +114,18 @@ def test_flat_and_dict_forms_agree_row_for_row(batch) -> None:
 def test_unexpected_layouts_raise_never_fill(batch) -> None:
     seqs, logits = batch
     flat, dicts = vllm_like(logits[1], seqs[1], K)
-    with pytest.raises(PromptLogprobsLayoutError, match="entries each"):
+    with pytest.raises(PromptLogprobsError, match="entries each"):
         rows_from_flat(flat, seqs[1], 0, K - 1)  # asked for another k than vLLM computed
-    with pytest.raises(PromptLogprobsLayoutError, match="positions"):
+    with pytest.raises(PromptLogprobsError, match="positions"):
         rows_from_flat(flat, seqs[1][:-1], 0, K)  # another sequence length
     shifted = [*seqs[1][:3], (seqs[1][3] + 1) % VOCAB, *seqs[1][4:]]
-    with pytest.raises(PromptLogprobsLayoutError, match="next tokens"):
+    with pytest.raises(PromptLogprobsError, match="next tokens"):
         rows_from_flat(flat, shifted, 0, K)
-    with pytest.raises(PromptLogprobsLayoutError, match="next tokens"):
+    with pytest.raises(PromptLogprobsError, match="next tokens"):
         rows_from_dicts(dicts, shifted, 0, K)
-    with pytest.raises(PromptLogprobsLayoutError, match="entries for top_k"):
+    with pytest.raises(PromptLogprobsError, match="entries for top_k"):
         rows_from_dicts(dicts, seqs[1], 0, K + 2)
-    with pytest.raises(PromptLogprobsLayoutError, match="results for"):
+    with pytest.raises(PromptLogprobsError, match="results for"):
         frame_from_prompt_logprobs([flat], ScoreJob(seqs[:2], [0, 0], K))
 
 

@@ -6,9 +6,8 @@ prefill, tensor and data parallelism). vLLM is imported only when the engine sta
 base install does not need it.
 
 The conversion to a :class:`TopkFrame` reads vLLM's flat layout with numpy instead of walking
-per-entry dicts: in ``FlatLogprobs`` every position after the first holds exactly ``k + 1``
-entries, ``[actual token, top-1, ..., top-k]``, already in rank order, so one reshape gives the
-frame. The conversion functions take duck-typed inputs and are tested without vLLM.
+per-entry dicts (``flat_logprobs=True`` where the installed vLLM has it); the readers of both
+forms live in :mod:`shared.vllm_logprobs`, take duck-typed inputs and are tested without vLLM.
 """
 
 from __future__ import annotations
@@ -18,16 +17,17 @@ import itertools
 import logging
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from shared.alignment import num_rows, row_offsets, vllm_entry_for_row
+from shared.alignment import row_offsets
 from shared.codec import TopkFrame
 from shared.logmath import tail_from_topk
+from shared.vllm_logprobs import PromptLogprobsError, rows_from_prompt_logprobs
 from teacher_service.engines.base import ModelDirEngine, ScoreJob
 
 if TYPE_CHECKING:
@@ -40,115 +40,23 @@ WARMUP_SEQUENCE = [0, 1, 2, 3]
 """Scored once in ``start()``: vLLM's first request is slow (seconds), the service is ready after it."""
 
 
-class FlatPromptLogprobs(Protocol):
-    """The fields of vLLM's ``FlatLogprobs`` the conversion reads (position p owns entries start..end)."""
-
-    start_indices: list[int]
-    end_indices: list[int]
-    token_ids: list[int]
-    logprobs: list[float]
-
-
-class PromptLogprobsLayoutError(RuntimeError):
-    """vLLM's prompt log-probs are not laid out as this engine expects: refuse rather than misalign rows."""
-
-
-def rows_from_flat(
-    flat: FlatPromptLogprobs, sequence: Sequence[int], first_row: int, top_k: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(top-k ids int32 [n, k], top-k log-probs float32 [n, k], target log-probs float32 [n], target ranks [n]).
-
-    Rows ``first_row .. len(sequence) - 2`` are vLLM entries ``first_row + 1 .. len(sequence) - 1``;
-    each holds ``k + 1`` entries with the actual next token first. The layout is checked in bulk
-    (offsets and actual tokens), so a change in vLLM raises instead of shifting rows.
-    """
-    n = num_rows(len(sequence)) - first_row
-    width = top_k + 1
-    first_entry = vllm_entry_for_row(first_row)
-    last_entry = vllm_entry_for_row(num_rows(len(sequence)) - 1)
-    if len(flat.start_indices) != len(sequence) or len(flat.end_indices) != len(sequence):
-        raise PromptLogprobsLayoutError(
-            f"{len(flat.start_indices)} prompt log-prob positions for a sequence of {len(sequence)} tokens"
-        )
-    lo, hi = flat.start_indices[first_entry], flat.end_indices[last_entry]
-    starts = np.asarray(flat.start_indices[first_entry : last_entry + 1], dtype=np.int64)
-    ends = np.asarray(flat.end_indices[first_entry : last_entry + 1], dtype=np.int64)
-    expected = lo + width * np.arange(n, dtype=np.int64)
-    if hi - lo != n * width or not (np.array_equal(starts, expected) and np.array_equal(ends, expected + width)):
-        raise PromptLogprobsLayoutError(f"prompt log-prob positions do not hold {width} (1 + top_k) entries each")
-    ids = np.asarray(flat.token_ids[lo:hi], dtype=np.int64).reshape(n, width)
-    lps = np.asarray(flat.logprobs[lo:hi], dtype=np.float32).reshape(n, width)
-    _check_actual_tokens(ids[:, 0], sequence, first_row)
-    ranks = np.asarray(flat.ranks[lo:hi], dtype=np.int32).reshape(n, width)[:, 0]
-    return ids[:, 1:].astype(np.int32), np.ascontiguousarray(lps[:, 1:]), np.ascontiguousarray(lps[:, 0]), ranks
-
-
-def rows_from_dicts(
-    positions: Sequence[Mapping[int, Any] | None], sequence: Sequence[int], first_row: int, top_k: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """The same arrays from vLLM's dict form (``list[None | dict[int, Logprob]]``), for vLLMs without flat mode.
-
-    A position's first key is the actual token. It has ``k + 1`` keys when the actual token is
-    outside the top-k and ``k`` when inside (the duplicate collapsed, its rank then being its
-    top-k rank); the top-k ranks 1..k give each entry its column, so no sorting is needed.
-    """
-    if len(positions) != len(sequence):
-        raise PromptLogprobsLayoutError(f"{len(positions)} prompt log-prob positions for {len(sequence)} tokens")
-    n = num_rows(len(sequence)) - first_row
-    ids = np.full((n, top_k), -1, dtype=np.int32)
-    lps = np.empty((n, top_k), dtype=np.float32)
-    target = np.empty(n, dtype=np.float32)
-    ranks = np.empty(n, dtype=np.int32)
-    actual = np.empty(n, dtype=np.int64)
-    for i, entry in enumerate(positions[vllm_entry_for_row(first_row) :]):
-        if entry is None:
-            raise PromptLogprobsLayoutError(f"no prompt log-probs for row {first_row + i}")
-        items = list(entry.items())
-        actual[i], target[i], ranks[i] = items[0][0], items[0][1].logprob, items[0][1].rank
-        top = items if len(items) == top_k else items[1:]
-        if len(top) != top_k:
-            raise PromptLogprobsLayoutError(f"row {first_row + i} has {len(items)} entries for top_k={top_k}")
-        for token_id, logprob in top:
-            ids[i, logprob.rank - 1] = token_id
-            lps[i, logprob.rank - 1] = logprob.logprob
-    if (ids < 0).any():
-        raise PromptLogprobsLayoutError("top-k ranks of the dict form are not 1..top_k")
-    _check_actual_tokens(actual, sequence, first_row)
-    return ids, lps, target, ranks
-
-
-def _check_actual_tokens(actual: np.ndarray, sequence: Sequence[int], first_row: int) -> None:
-    """Row j's actual-token entry must be token j+1 of the sequence: the alignment, asserted per row."""
-    expected = np.asarray(sequence[first_row + 1 :], dtype=np.int64)
-    if actual.shape != expected.shape or not np.array_equal(actual, expected):
-        raise PromptLogprobsLayoutError("the actual-token entries of vLLM's prompt log-probs are not the next tokens")
-
-
-def rows_from_prompt_logprobs(
-    prompt_logprobs: Any, sequence: Sequence[int], first_row: int, top_k: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Dispatch on vLLM's two prompt log-prob forms (flat, or a list of dicts)."""
-    if hasattr(prompt_logprobs, "start_indices"):
-        return rows_from_flat(prompt_logprobs, sequence, first_row, top_k)
-    return rows_from_dicts(prompt_logprobs, sequence, first_row, top_k)
-
-
 def frame_from_prompt_logprobs(prompt_logprobs: Sequence[Any], job: ScoreJob) -> TopkFrame:
     """The job's frame from one vLLM ``prompt_logprobs`` per sequence (same order as ``job.sequences``)."""
     if len(prompt_logprobs) != len(job.sequences):
-        raise PromptLogprobsLayoutError(f"{len(prompt_logprobs)} results for {len(job.sequences)} sequences")
+        raise PromptLogprobsError(f"{len(prompt_logprobs)} results for {len(job.sequences)} sequences")
     parts = [
         rows_from_prompt_logprobs(pl, seq, first, job.top_k)
         for pl, seq, first in zip(prompt_logprobs, job.sequences, job.first_rows, strict=True)
     ]
-    lps = torch.from_numpy(np.concatenate([p[1] for p in parts]))
+    lps = torch.from_numpy(np.concatenate([p.logprobs for p in parts]))
+    targets = job.want_target_logprobs
     return TopkFrame(
-        token_ids=torch.from_numpy(np.concatenate([p[0] for p in parts])),
+        token_ids=torch.from_numpy(np.concatenate([p.token_ids for p in parts])),
         logprobs=lps,
         row_offsets=row_offsets([len(s) for s in job.sequences], job.first_rows),
         first_rows=torch.tensor(job.first_rows, dtype=torch.int64),
-        target_logprobs=torch.from_numpy(np.concatenate([p[2] for p in parts])) if job.want_target_logprobs else None,
-        target_ranks=torch.from_numpy(np.concatenate([p[3] for p in parts])) if job.want_target_logprobs else None,
+        target_logprobs=torch.from_numpy(np.concatenate([p.target_logprobs for p in parts])) if targets else None,
+        target_ranks=torch.from_numpy(np.concatenate([p.target_ranks for p in parts])) if targets else None,
         tail_logmass=tail_from_topk(lps) if job.want_tail_logmass else None,
     )
 
