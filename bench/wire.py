@@ -3,8 +3,9 @@
 For each k, the same N rows (random ids in a 152k vocabulary, sorted log-probs, an actual
 next token per row) are encoded both ways; bytes per row and the client's decode time
 (bytes -> id and log-prob tensors) are compared. The JSON side is the exact shape the
-service's /v1/completions sends and a stock vLLM server sends; it is decoded with orjson
-and placed by rank (no per-entry sorting), the fastest honest client.
+service's /v1/completions sends and a stock vLLM server sends, built and decoded by
+:mod:`shared.vllm_logprobs` as the service and the trainer do (orjson, entries placed by rank
+without per-entry sorting, actual tokens checked).
 
     python -m bench.wire --rows 4096 --k 8 20 64
 """
@@ -15,12 +16,12 @@ import argparse
 import random
 import string
 
-import numpy as np
 import orjson
 import torch
 
 from bench.common import machine, median_time
 from shared.codec import TopkFrame, decode_frame, encode_frame
+from shared.vllm_logprobs import parse_completions_json, prompt_logprobs_entries
 
 VOCAB = 152_064
 
@@ -37,19 +38,25 @@ def make_rows(n: int, k: int, seed: int = 0) -> tuple[TopkFrame, list[int], list
 
 
 def vllm_json(frame: TopkFrame, actual: list[int], words: list[str]) -> bytes:
-    """One choice whose prompt_logprobs hold the frame's rows, as vLLM sends them (actual token first)."""
-    plp: list[dict | None] = [None]
+    """One choice whose prompt_logprobs hold the frame's rows, as vLLM sends them (actual token first).
+
+    The entries come from the service's own builder; the actual token's rank and log-prob are its
+    top-k ones when it is in the top-k, else made up below them.
+    """
     ids, lps = frame.token_ids.tolist(), frame.logprobs.float().tolist()
+    a_lps, a_ranks = [], []
     for row_ids, row_lps, act in zip(ids, lps, actual, strict=True):
-        if act in row_ids:
-            a_rank = row_ids.index(act) + 1
-            a_lp = row_lps[a_rank - 1]
-        else:
-            a_rank, a_lp = len(row_ids) + 7, row_lps[-1] - 0.5
-        entry = {str(act): {"logprob": a_lp, "rank": a_rank, "decoded_token": words[act % len(words)]}}
-        for rank, (tid, lp) in enumerate(zip(row_ids, row_lps, strict=True), start=1):
-            entry.setdefault(str(tid), {"logprob": lp, "rank": rank, "decoded_token": words[tid % len(words)]})
-        plp.append(entry)
+        rank = row_ids.index(act) + 1 if act in row_ids else len(row_ids) + 7
+        a_lps.append(row_lps[rank - 1] if rank <= len(row_ids) else row_lps[-1] - 0.5)
+        a_ranks.append(rank)
+    plp = prompt_logprobs_entries(
+        [0, *actual],
+        frame.token_ids,
+        frame.logprobs,
+        torch.tensor(a_lps),
+        torch.tensor(a_ranks),
+        lambda tid: words[tid % len(words)],
+    )
     body = {
         "id": "cmpl-0",
         "object": "text_completion",
@@ -70,19 +77,10 @@ def vllm_json(frame: TopkFrame, actual: list[int], words: list[str]) -> bytes:
     return orjson.dumps(body)
 
 
-def decode_vllm_json(data: bytes, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """JSON -> (ids [N, k], logprobs [N, k]) placing entries by rank, no sorting."""
-    plp = orjson.loads(data)["choices"][0]["prompt_logprobs"]
-    n = len(plp) - 1
-    ids = np.zeros((n, k), dtype=np.int32)
-    lps = np.zeros((n, k), dtype=np.float32)
-    for i, entry in enumerate(plp[1:]):
-        for tid, info in entry.items():
-            r = info["rank"]
-            if r <= k:
-                ids[i, r - 1] = int(tid)
-                lps[i, r - 1] = info["logprob"]
-    return torch.from_numpy(ids), torch.from_numpy(lps)
+def decode_vllm_json(data: bytes, actual: list[int], k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """JSON -> (ids [N, k], logprobs [N, k]) with the trainer's reader (entries placed by rank, tokens checked)."""
+    frame, _ = parse_completions_json(data, [[0, *actual]], [0], k)
+    return frame.token_ids, frame.logprobs
 
 
 def main() -> None:
@@ -98,10 +96,10 @@ def main() -> None:
         frame, actual, words = make_rows(args.rows, k)
         binary = encode_frame(frame)
         js = vllm_json(frame, actual, words)
-        got_ids, got_lps = decode_vllm_json(js, k)
+        got_ids, got_lps = decode_vllm_json(js, actual, k)
         assert torch.equal(got_ids, frame.token_ids) and torch.allclose(got_lps, frame.logprobs.float())
         t_bin = median_time(lambda b=binary: decode_frame(b), args.repeat)
-        t_js = median_time(lambda j=js, kk=k: decode_vllm_json(j, kk), args.repeat)
+        t_js = median_time(lambda j=js, a=actual, kk=k: decode_vllm_json(j, a, kk), args.repeat)
         print(
             f"| {k} | {len(binary) / args.rows:.1f} | {len(js) / args.rows:.1f} | "
             f"{len(js) / len(binary):.1f}x | {t_bin * 1e6:.0f} µs | {t_js * 1e3:.1f} ms | {t_js / t_bin:.0f}x |"
