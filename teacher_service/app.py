@@ -24,7 +24,7 @@ from teacher_service.engines.base import TeacherEngine
 from teacher_service.errors import install_error_handlers
 from teacher_service.metrics import ServiceMetrics
 from teacher_service.middleware import RequestContextMiddleware
-from teacher_service.scheduling import Admission, MicroBatcher
+from teacher_service.scheduling import Admission, DirectScorer, MicroBatcher
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ async def _load_engine(app: FastAPI, engine: TeacherEngine, config: ServiceConfi
         os.kill(os.getpid(), signal.SIGTERM)
         return
     if engine.batches_internally:
-        app.state.scorer = engine
+        app.state.scorer = DirectScorer(engine)
     else:
         batcher = MicroBatcher(
             engine, config.max_batch_tokens, config.batch_wait_ms / 1000, config.max_batch_requests, app.state.metrics
@@ -101,7 +101,7 @@ def create_app(config: ServiceConfig, engine: TeacherEngine | None = None) -> Fa
             loader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await loader
-            if isinstance(app.state.scorer, MicroBatcher):
+            if app.state.scorer is not None:
                 await app.state.scorer.close()
             await eng.close()
 

@@ -4,22 +4,17 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import AsyncIterator
-from typing import Annotated, Protocol
+from typing import Annotated
 
 from fastapi import Depends, Request
 
-from shared.codec import TopkFrame
 from teacher_service.config import ServiceConfig
-from teacher_service.engines.base import ScoreJob, TeacherEngine
+from teacher_service.engines.base import TeacherEngine
 from teacher_service.errors import ServiceError
 from teacher_service.metrics import ServiceMetrics
-from teacher_service.scheduling import Admission
+from teacher_service.scheduling import Admission, Scorer
 
 NOT_READY_RETRY_AFTER_S = 5
-
-
-class Scorer(Protocol):
-    async def score(self, job: ScoreJob) -> TopkFrame: ...
 
 
 def get_config(request: Request) -> ServiceConfig:

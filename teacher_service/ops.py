@@ -7,6 +7,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from teacher_service.deps import NOT_READY_RETRY_AFTER_S, Metrics
 from teacher_service.errors import error_response
+from teacher_service.scheduling import Scorer
 
 router = APIRouter()
 
@@ -29,7 +30,7 @@ async def ready(request: Request) -> Response | dict[str, str]:
 
 @router.get("/metrics")
 async def metrics(request: Request, m: Metrics) -> Response:
-    scorer = request.app.state.scorer
-    m.queue_depth.set(getattr(scorer, "depth", 0))
+    scorer: Scorer | None = request.app.state.scorer
+    m.queue_depth.set(scorer.depth if scorer is not None else 0)
     m.inflight.set(request.app.state.admission.active)
     return Response(m.render(), media_type=CONTENT_TYPE_LATEST)

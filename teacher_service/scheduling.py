@@ -14,6 +14,7 @@ import logging
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from shared.codec import TopkFrame
 from teacher_service.engines.base import ScoreJob, TeacherEngine
@@ -21,6 +22,37 @@ from teacher_service.errors import ServiceError
 from teacher_service.metrics import ServiceMetrics
 
 logger = logging.getLogger(__name__)
+
+
+class Scorer(Protocol):
+    """What the routes, /metrics and shutdown use of whatever scores jobs: :class:`MicroBatcher` or
+    :class:`DirectScorer` (``app.state.scorer``, None until the engine is ready)."""
+
+    @property
+    def depth(self) -> int:
+        """Jobs waiting for the engine (the queue-depth gauge)."""
+        ...
+
+    async def score(self, job: ScoreJob) -> TopkFrame: ...
+
+    async def close(self) -> None:
+        """Stop scoring at shutdown; the engine itself is closed by the app."""
+        ...
+
+
+class DirectScorer:
+    """Jobs straight to an engine that schedules concurrent requests itself (vLLM): nothing queues here."""
+
+    depth = 0
+
+    def __init__(self, engine: TeacherEngine) -> None:
+        self.engine = engine
+
+    async def score(self, job: ScoreJob) -> TopkFrame:
+        return await self.engine.score(job)
+
+    async def close(self) -> None:
+        """Nothing of its own to stop: the engine is closed by the app's lifespan."""
 
 
 class Admission:

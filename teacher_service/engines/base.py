@@ -33,6 +33,8 @@ class TeacherEngine(abc.ABC):
     engine_name: str = "abstract"
     batches_internally: bool = False
     """True when the engine schedules concurrent requests itself (vLLM); else the service micro-batches."""
+    model_dir: str | None = None
+    """Where the weights come from (``root`` in /v1/models); None for an engine without a model directory."""
 
     def __init__(self, served_model_name: str) -> None:
         self.served_model_name = served_model_name
