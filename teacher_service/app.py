@@ -17,7 +17,8 @@ from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
 
-from teacher_service import openai_compat, ops, routes
+from teacher_service import ops
+from teacher_service.api import API_ROUTERS
 from teacher_service.config import ServiceConfig
 from teacher_service.deps import require_api_key
 from teacher_service.engines.base import TeacherEngine
@@ -114,7 +115,7 @@ def create_app(config: ServiceConfig, engine: TeacherEngine | None = None) -> Fa
     app.state.scorer = None
     install_error_handlers(app)
     app.include_router(ops.router)
-    app.include_router(routes.router, dependencies=[Depends(require_api_key)])
-    app.include_router(openai_compat.router, dependencies=[Depends(require_api_key)])
+    for router in API_ROUTERS:
+        app.include_router(router, dependencies=[Depends(require_api_key)])
     app.add_middleware(RequestContextMiddleware, metrics=app.state.metrics)
     return app

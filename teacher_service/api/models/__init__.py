@@ -1,0 +1,1 @@
+"""`GET /v1/models` (OpenAI/vLLM) and `GET /v1/info` (the handshake)."""
