@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from shared.alignment import pad_sequences
+
 logger = logging.getLogger(__name__)
 
 ASSET_VERSION = "tiny-v1"
@@ -135,12 +137,7 @@ def pretrain_teacher(
     for _ in bar:
         idx = torch.randint(len(seqs), (batch_size,), generator=gen).tolist()
         batch = [seqs[i] for i in idx]
-        width = max(len(s) for s in batch)
-        ids = torch.full((batch_size, width), pad_id, dtype=torch.long)
-        mask = torch.zeros(batch_size, width, dtype=torch.long)
-        for b, s in enumerate(batch):
-            ids[b, : len(s)] = torch.tensor(s)
-            mask[b, : len(s)] = 1
+        ids, mask = pad_sequences(batch, pad_id)
         labels = ids.masked_fill(mask == 0, -100)
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         opt.zero_grad(set_to_none=True)

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-from shared.alignment import padded_positions, row_offsets
+from shared.alignment import pad_sequences, padded_positions, row_offsets
 from shared.codec import TopkFrame
 from teacher_service.engines.base import ModelDirEngine, ScoreJob
 
@@ -139,12 +139,7 @@ class HFEngine(ModelDirEngine):
         assert self._model is not None
         seqs = job.sequences[lo:hi]
         firsts = job.first_rows[lo:hi]
-        width = max(len(s) for s in seqs)
-        input_ids = torch.zeros(len(seqs), width, dtype=torch.long)
-        mask = torch.zeros(len(seqs), width, dtype=torch.long)
-        for b, seq in enumerate(seqs):
-            input_ids[b, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-            mask[b, : len(seq)] = 1
+        input_ids, mask = pad_sequences(seqs, pad_id=0)  # any id would do: padded positions are masked
         logits = self._model(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device)).logits
         b_idx, t_idx = padded_positions(mask, firsts)
         rows = logits[b_idx.to(self.device), t_idx.to(self.device)]
