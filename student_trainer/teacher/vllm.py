@@ -1,13 +1,9 @@
 """A teacher behind vLLM's OpenAI-compatible ``/v1/completions`` with ``prompt_logprobs``.
 
-vLLM answers per sequence ``prompt_logprobs = [null, {"<id>": {"logprob", "rank",
-"decoded_token"}}, ...]``: entry j+1 is our row j (:func:`shared.alignment.vllm_entry_for_row`).
-An entry holds the top-k tokens and the actual next token, listed first; it has k+1
-keys when the actual token is outside the top-k. Entries are placed by their ``rank``
-(rank r goes to column r-1), so no per-entry sorting is needed; the first key gives
-the target log-prob and is checked against the token we sent. JSON has no -inf:
-vLLM sends -9999.0. Stock vLLM refuses k above its ``--max-logprobs`` (default 20)
-with HTTP 400, which the handshake turns into a message naming ``--top_k``.
+vLLM publishes no tokenizer fingerprint: the handshake compares its ``/tokenize`` of a probe text
+with the student's ids, then probes ``top_k`` (stock vLLM refuses k above its ``--max-logprobs``,
+default 20, with HTTP 400, turned here into a message naming ``--top_k``). The answer's layout is
+read by :mod:`shared.vllm_logprobs`, which also writes it on the teacher's side.
 """
 
 from __future__ import annotations
@@ -21,20 +17,19 @@ import numpy as np
 import orjson
 import torch
 
-from shared.alignment import num_rows, row_offsets, vllm_entry_for_row
 from shared.codec import TopkFrame
 from shared.protocol import LogprobDtype
+from shared.vllm_logprobs import PromptLogprobsError, parse_completions_json
 from student_trainer.teacher.base import HttpTeacher
 from student_trainer.teacher.errors import TeacherMismatchError, TeacherProtocolError, TeacherRequestError
 
 logger = logging.getLogger(__name__)
 
-VLLM_NEG_INF = -9999.0
-"""What vLLM writes for -inf in JSON."""
-
 
 @dataclass(frozen=True)
 class VllmInfo:
+    """The handshake a vLLM server offers: its served model (first of /v1/models) and context length."""
+
     model: str
     max_model_len: int | None
 
@@ -46,65 +41,11 @@ def parse_prompt_logprobs(
     top_k: int,
     vocab_size: int | None = None,
 ) -> tuple[TopkFrame, np.ndarray]:
-    """A frame (ids, log-probs, offsets) and the target log-probs [N] from a /v1/completions answer."""
+    """A frame and the target log-probs [N] from a /v1/completions answer; any layout fault is a protocol error."""
     try:
-        choices = orjson.loads(body)["choices"]
-    except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
-        raise TeacherProtocolError(f"vLLM answer is not a completions response: {exc!r}") from exc
-    by_index: list[Any] = [None] * len(sequences)
-    for choice in choices:
-        i = choice.get("index")
-        if not isinstance(i, int) or not 0 <= i < len(sequences) or by_index[i] is not None:
-            raise TeacherProtocolError(f"vLLM answered choice index {i!r} for {len(sequences)} prompts")
-        by_index[i] = choice
-    offsets = row_offsets([len(s) for s in sequences], first_rows)
-    n = int(offsets[-1])
-    ids = np.full((n, top_k), -1, dtype=np.int64)
-    lps = np.empty((n, top_k), dtype=np.float32)
-    target = np.empty(n, dtype=np.float32)
-    row = 0
-    for b, (seq, first) in enumerate(zip(sequences, first_rows, strict=True)):
-        choice = by_index[b]
-        if choice is None:
-            raise TeacherProtocolError(f"vLLM answered no choice for prompt {b}")
-        entries = choice.get("prompt_logprobs")
-        if not isinstance(entries, list) or len(entries) != len(seq):
-            got = len(entries) if isinstance(entries, list) else entries
-            raise TeacherProtocolError(f"prompt {b}: {got} prompt_logprobs entries for {len(seq)} tokens")
-        for j in range(first, num_rows(len(seq))):
-            entry = entries[vllm_entry_for_row(j)]
-            items = iter(entry.items())
-            actual_key, actual = next(items)
-            if int(actual_key) != seq[j + 1]:
-                raise TeacherProtocolError(
-                    f"prompt {b} row {j}: first entry is token {actual_key}, the sequence has {seq[j + 1]}"
-                )
-            target[row] = actual["logprob"]
-            if len(entry) == top_k:  # the actual token is one of the top-k: place it too
-                items = iter(entry.items())
-            elif len(entry) != top_k + 1:
-                raise TeacherProtocolError(f"prompt {b} row {j}: {len(entry)} entries for k={top_k}")
-            for key, value in items:
-                rank = value["rank"]
-                if not 1 <= rank <= top_k:
-                    raise TeacherProtocolError(f"prompt {b} row {j}: top-k entry with rank {rank}")
-                ids[row, rank - 1] = int(key)
-                lps[row, rank - 1] = value["logprob"]
-            row += 1
-    if (ids < 0).any():
-        raise TeacherProtocolError("vLLM answer leaves top-k ranks unfilled (duplicate or missing ranks)")
-    if vocab_size is not None and n and int(ids.max()) >= vocab_size:
-        raise TeacherProtocolError(f"vLLM returned token id {int(ids.max())} outside the vocabulary of {vocab_size}")
-    lps[lps <= VLLM_NEG_INF] = -np.inf
-    target[target <= VLLM_NEG_INF] = -np.inf
-    frame = TopkFrame(
-        token_ids=torch.from_numpy(ids.astype(np.int32)),
-        logprobs=torch.from_numpy(lps),
-        row_offsets=offsets,
-        first_rows=torch.tensor(list(first_rows), dtype=torch.int64),
-    )
-    frame.validate()
-    return frame, target
+        return parse_completions_json(body, sequences, first_rows, top_k, vocab_size)
+    except PromptLogprobsError as exc:
+        raise TeacherProtocolError(str(exc)) from exc
 
 
 class VllmTeacherClient(HttpTeacher):
