@@ -7,14 +7,13 @@ import json
 from pathlib import Path
 
 import pytest
+from support import REPO
 
 import student_trainer.docs
 from student_trainer.checkpoint import resolve_resume
 from student_trainer.config import FLAG_GROUPS, TrainerConfig, build_parser, parse_args
 from student_trainer.ds_config import DeepSpeedConfigError, bf16_available, load_deepspeed_config
 from student_trainer.loss import LossConfig
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture

@@ -12,8 +12,7 @@ import time
 import httpx
 import pytest
 import torch
-from fake_engine import FakeEngine
-from servers import serve_in_thread
+from support import FakeEngine, serve_in_thread
 
 from demo.tiny import TinyAssets
 from shared.codec import decode_frame

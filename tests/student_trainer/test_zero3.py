@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from launcher import REPO, ds_config, failure_output, launch, read_jsonl
 from safetensors.torch import load_file
+from support import REPO, ds_config, failure_output, launch, read_jsonl
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from demo.tiny import TinyAssets

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from launcher import REPO, failure_output, launch, read_jsonl
+from support import REPO, failure_output, launch, read_jsonl
 from transformers import AutoTokenizer
 
 from demo.tiny import TinyAssets

@@ -12,7 +12,7 @@ import httpx
 import orjson
 import pytest
 import torch
-from launcher import REPO, failure_output, launch, read_jsonl
+from support import REPO, failure_output, launch, read_jsonl
 
 from demo.tiny import TinyAssets
 from student_trainer.teacher import make_client

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from launcher import REPO, failure_output, launch, read_jsonl
 from safetensors.torch import load_file
+from support import REPO, failure_output, launch, read_jsonl
 
 from demo.launch import trainer_command
 from demo.tiny import TinyAssets
