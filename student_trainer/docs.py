@@ -1,7 +1,7 @@
 """The flag reference of docs/trainer.md, generated from :class:`~student_trainer.config.TrainerConfig`.
 
-    python -m student_trainer.docs            # rewrite the table in docs/trainer.md
-    python -m student_trainer.docs --check    # exit 1 if it is out of date (the test suite runs this check)
+python -m student_trainer.docs            # rewrite the table in docs/trainer.md
+python -m student_trainer.docs --check    # exit 1 if it is out of date (the test suite runs this check)
 """
 
 from __future__ import annotations
