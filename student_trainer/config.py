@@ -2,7 +2,7 @@
 
 Parsed by ``transformers.HfArgumentParser`` from the command line, or from ``--config run.yaml``
 whose keys are the flag names (the command line wins). :data:`FLAG_GROUPS` orders them for
-docs/trainer.md (``python -m student_trainer.docs``). ``__post_init__`` refuses incompatible
+docs/trainer.md (``python docs/flags.py``). ``__post_init__`` refuses incompatible
 combinations before any model loads, naming the flags; :func:`check_files_exist` adds the checks
 that need the filesystem.
 """

@@ -36,12 +36,18 @@ def add_model_flags(parser: argparse.ArgumentParser, schema: type[BaseModel]) ->
         parser.add_argument(_flag(name), **kwargs)
 
 
-def parse_config(argv: Sequence[str] | None = None) -> ServiceConfig:
+def build_parser() -> argparse.ArgumentParser:
+    """The service's CLI, one flag per :class:`ServiceConfig` field (docs/teacher.md's reference is made from it)."""
     parser = argparse.ArgumentParser(
         prog="python -m teacher_service",
         description="Serve a teacher LLM's top-k log-probs for knowledge distillation.",
     )
     add_model_flags(parser, ServiceConfig)
+    return parser
+
+
+def parse_config(argv: Sequence[str] | None = None) -> ServiceConfig:
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return ServiceConfig(**vars(args))

@@ -31,16 +31,27 @@ class ServiceConfig(BaseModel):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         default="auto", description="Weights dtype; auto takes the checkpoint's. Log-probs are always computed in fp32."
     )
-    device: str = Field(default="cpu", description="torch device for the transformers engine.")
-    max_top_k: int = Field(default=64, ge=1, description="GKD uses k of 8-64; larger k grows the frame linearly.")
-    max_sequences: int = Field(default=512, ge=1, description="Sequences per request.")
-    max_tokens: int = Field(default=131072, ge=2, description="Tokens per request, summed over sequences.")
+    device: str = Field(default="cpu", description="torch device of the transformers engine (cpu, cuda, cuda:1, ...).")
+    max_top_k: int = Field(
+        default=64,
+        ge=1,
+        description="Largest top_k a request may ask for; GKD uses k of 8-64, and the frame grows linearly with k.",
+    )
+    max_sequences: int = Field(default=512, ge=1, description="Sequences per request (413 above).")
+    max_tokens: int = Field(default=131072, ge=2, description="Tokens per request, summed over sequences (413 above).")
     max_body_bytes: int = Field(
         default=4 * 1024 * 1024,
         ge=1024,
-        description="Request body limit (413 above); 4 MiB holds --max-tokens of ids as JSON several times over.",
+        description=(
+            "Request body limit (413 above, refused before it is read whole); 4 MiB holds --max-tokens of ids as "
+            "JSON several times over. Bodies are read only after admission, so at most --max-queue are in memory."
+        ),
     )
-    max_batch_tokens: int = Field(default=8192, ge=2, description="Padded tokens per forward pass (memory bound).")
+    max_batch_tokens: int = Field(
+        default=8192,
+        ge=2,
+        description="Padded tokens per forward pass: the micro-batcher's memory budget; larger requests are split.",
+    )
     batch_wait_ms: float = Field(
         default=5.0,
         ge=0,
@@ -61,7 +72,9 @@ class ServiceConfig(BaseModel):
         default=30.0, ge=0, description="Seconds SIGTERM waits for in-flight requests before the process exits."
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field(default="info", description="Log verbosity.")
-    log_format: Literal["text", "json"] = Field(default="text", description="json: one JSON object per log line.")
+    log_format: Literal["text", "json"] = Field(
+        default="text", description="text, or json: one JSON object per log line; every line carries the request id."
+    )
 
     # --- vLLM engine (--engine vllm); vLLM's own flag names and meanings ---
     tensor_parallel_size: int = Field(
