@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -29,6 +29,11 @@ class StepStats:
     ce: float = 0.0
     global_tokens: float = 0.0
     teacher_wait_s: float = 0.0
+
+    def __iadd__(self, other: StepStats) -> StepStats:
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+        return self
 
 
 def train_step(
@@ -75,32 +80,25 @@ def train_step(
 class LogWindow:
     """Steps since the last log line; :meth:`record` reduces them over ranks into token means."""
 
-    loss: float = 0.0
-    gkd: float = 0.0
-    ce: float = 0.0
-    tokens: float = 0.0
-    teacher_wait_s: float = 0.0
+    sums: StepStats = field(default_factory=StepStats)
     on_policy_steps: float = 0.0
     started: float = field(default_factory=time.perf_counter)
 
     def add(self, stats: StepStats, on_policy: bool) -> None:
-        self.loss += stats.loss
-        self.gkd += stats.gkd
-        self.ce += stats.ce
-        self.tokens += stats.global_tokens
-        self.teacher_wait_s += stats.teacher_wait_s
+        self.sums += stats
         self.on_policy_steps += on_policy
 
     def record(self, device: torch.device, with_ce: bool) -> dict[str, float]:
         """The window's log record (a collective: every rank calls it)."""
-        loss, gkd, ce = all_reduce_sum([self.loss, self.gkd, self.ce], device)
+        loss, gkd, ce = all_reduce_sum([self.sums.loss, self.sums.gkd, self.sums.ce], device)
+        tokens = self.sums.global_tokens
         record = {
-            "loss": loss / self.tokens,
-            "gkd_loss": gkd / self.tokens,
-            "tokens_per_s": self.tokens / (time.perf_counter() - self.started),
-            "teacher_wait_s": self.teacher_wait_s,
+            "loss": loss / tokens,
+            "gkd_loss": gkd / tokens,
+            "tokens_per_s": tokens / (time.perf_counter() - self.started),
+            "teacher_wait_s": self.sums.teacher_wait_s,
             "on_policy_steps": self.on_policy_steps,
         }
         if with_ce:
-            record["sft_ce"] = ce / self.tokens
+            record["sft_ce"] = ce / tokens
         return record
