@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
+from support import K8S, VARIANTS, RenderedManifests, kubectl, run
 
 from demo.tiny import TinyAssets, build_assets
 from teacher_service.process import TeacherProcess
@@ -45,3 +48,28 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if deselected:
         config.hook.pytest_deselected(items=deselected)
         items[:] = [item for item in items if not item.get_closest_marker("vllm")]
+
+
+# --- deployment files
+
+
+@pytest.fixture(scope="session")
+def rendered(tmp_path_factory: pytest.TempPathFactory) -> RenderedManifests:
+    """kubectl kustomize of every variant, on a copy of deploy/k8s (with a dummy key for api-key-from-file).
+
+    Session-scoped: tests/deploy/test_kubernetes.py and tests/deploy/test_commands.py share one rendering.
+    """
+    tool = kubectl()
+    out: RenderedManifests = {}
+    for variant, (overlay, components) in VARIANTS.items():
+        root = tmp_path_factory.mktemp(variant) / "k8s"
+        shutil.copytree(K8S, root)
+        (root / "components" / "api-key-from-file" / "teacher-api-key.txt").write_text("not-a-real-key\n")
+        kustomization = root / "overlays" / overlay / "kustomization.yaml"
+        data = yaml.safe_load(kustomization.read_text())
+        data["components"] = data.get("components", []) + [f"../../components/{c}" for c in components]
+        kustomization.write_text(yaml.safe_dump(data))
+        proc = run([tool, "kustomize", str(kustomization.parent)])
+        assert proc.returncode == 0, f"kubectl kustomize {variant}: {proc.stderr}"
+        out[variant] = [doc for doc in yaml.safe_load_all(proc.stdout) if doc]
+    return out
