@@ -130,7 +130,7 @@ def dockerignore_regex(pattern: str) -> str:
 
 def test_dockerignore_keeps_the_context_small_and_secret_free() -> None:
     patterns = [p.strip() for p in (REPO / ".dockerignore").read_text().splitlines() if p.strip()[:1] not in ("", "#")]
-    for rel in (".venv/bin/python", "runs/cache/x", ".git/config", "tests/test_deploy.py", ".env",
+    for rel in (".venv/bin/python", "runs/cache/x", ".git/config", "tests/deploy/test_images.py", ".env",
                 "deploy/secrets/teacher_api_key", "deploy/secrets/teacher.env", "deploy/k8s/base/kustomization.yaml",
                 "teacher_service/__pycache__/cli.cpython-311.pyc", "docs/deployment.md"):  # fmt: skip
         assert dockerignored(rel, patterns), f"{rel} would be in the build context"
