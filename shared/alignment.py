@@ -4,6 +4,11 @@ For a sequence of L tokens the teacher has L-1 rows. Row j is the distribution o
 token j+1 given tokens 0..j: it lines up with the student's ``logits[:, j]`` and with
 the label ``input_ids[:, j+1]``. vLLM's ``prompt_logprobs`` has L entries with entry 0
 ``None``; its entry j+1 is our row j.
+
+Row spans name the rows a loss needs: per sequence a list of half-open ``[start, end)`` row
+ranges, ascending and disjoint, inside ``[0, L-1)``. A conversation has one span per assistant
+turn; ``first_rows[b]`` is the one-span case ``[(first_rows[b], L-1)]``. Rows of a batch are
+always ordered sequence by sequence, span by span, row by row.
 """
 
 from __future__ import annotations
@@ -17,6 +22,72 @@ import torch
 def num_rows(seq_len: int) -> int:
     """Rows a sequence of ``seq_len`` tokens has (one per predicted next token)."""
     return max(seq_len - 1, 0)
+
+
+RowSpan = tuple[int, int]
+"""Rows ``start .. end - 1`` of one sequence."""
+
+
+def spans_from_first_rows(seq_lens: Sequence[int], first_rows: Sequence[int]) -> list[list[RowSpan]]:
+    """The one-span-per-sequence form of ``first_rows``: rows ``first .. L-2`` (none when ``first = L-1``)."""
+    return [[(f, num_rows(n))] if f < num_rows(n) else [] for n, f in zip(seq_lens, first_rows, strict=True)]
+
+
+def check_row_spans(spans: Sequence[Sequence[int]], seq_len: int) -> str | None:
+    """What is wrong with one sequence's spans (None if nothing): ascending, disjoint, non-empty, inside its rows."""
+    limit, prev_end = num_rows(seq_len), 0
+    for i, span in enumerate(spans):
+        if len(span) != 2:
+            return f"span {i} is {list(span)}, not [start, end]"
+        start, end = span
+        if not 0 <= start < end <= limit:
+            return (
+                f"span {i} [{start}, {end}) is empty or outside the rows [0, {limit}) of a sequence of {seq_len} tokens"
+            )
+        if start < prev_end:
+            return f"span {i} [{start}, {end}) overlaps or precedes the span before it (spans ascend and are disjoint)"
+        prev_end = end
+    return None
+
+
+def span_rows(spans: Sequence[Sequence[int]]) -> int:
+    """Rows the spans of one sequence hold."""
+    return sum(end - start for start, end in spans)
+
+
+def span_positions(
+    attention_mask: torch.Tensor, row_spans: Sequence[Sequence[Sequence[int]]]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(batch index, position index) in a padded ``[B, T]`` batch of every row of every span, in frame order.
+
+    As :func:`padded_positions`, for any number of spans per sequence and either padding side.
+    """
+    starts = attention_mask.bool().int().argmax(dim=1)
+    flat = [(b, s, e) for b, spans in enumerate(row_spans) for s, e in spans]
+    if not flat:
+        empty = torch.zeros(0, dtype=torch.int64)
+        return empty, empty.clone()
+    span_b, span_s, span_e = torch.tensor(flat, dtype=torch.int64).unbind(1)
+    counts = span_e - span_s
+    b_idx = torch.repeat_interleave(span_b, counts)
+    within = torch.arange(int(counts.sum())) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+    t_idx = starts[b_idx] + torch.repeat_interleave(span_s, counts) + within
+    return b_idx, t_idx
+
+
+def rows_of_spans(
+    row_spans: Sequence[Sequence[Sequence[int]]], block_firsts: Sequence[int], block_rows: Sequence[int]
+) -> torch.Tensor:
+    """Indices, into rows computed as contiguous blocks (sequence b: rows ``block_firsts[b]`` on, ``block_rows[b]``
+    of them, blocks concatenated), of the rows the spans name: how a span request is cut out of a full one."""
+    picks, base = [], 0
+    for spans, first, count in zip(row_spans, block_firsts, block_rows, strict=True):
+        for start, end in spans:
+            if start < first or end > first + count:
+                raise ValueError(f"span [{start}, {end}) is outside the computed rows [{first}, {first + count})")
+            picks.append(torch.arange(base + start - first, base + end - first))
+        base += count
+    return torch.cat(picks) if picks else torch.zeros(0, dtype=torch.int64)
 
 
 def vllm_entry_for_row(row: int) -> int:
