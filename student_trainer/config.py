@@ -24,6 +24,7 @@ import yaml
 from transformers import HfArgumentParser
 
 from student_trainer.checkpoint import resolve_resume
+from student_trainer.data.formats import DatasetFormat, DataSpec, Truncation
 from student_trainer.ds_config import DeepSpeedConfigError, load_deepspeed_config
 from student_trainer.loss import LossConfig
 
@@ -38,7 +39,9 @@ DESCRIPTION = (
 
 FLAG_GROUPS: dict[str, tuple[str, ...]] = {
     "Model and data": (
-        "model_name_or_path", "train_file", "output_dir", "max_length", "max_completion_length", "seed",
+        "model_name_or_path", "dataset", "dataset_split", "dataset_format", "output_dir", "max_length",
+        "max_completion_length", "truncation", "assistant_turns", "drop_invalid_rows", "dataset_num_proc",
+        "streaming", "group_by_length", "seed",
     ),
     "Teacher": (
         "teacher_url", "teacher_api", "teacher_model_name_or_path", "teacher_api_key_env", "teacher_timeout",
@@ -47,8 +50,8 @@ FLAG_GROUPS: dict[str, tuple[str, ...]] = {
     "Loss": ("beta", "temperature", "tail", "sft_alpha"),
     "GKD schedule and generation": ("lmbda", "seq_kd", "max_new_tokens", "generation_temperature"),
     "Schedule, checkpoints, evaluation": (
-        "max_steps", "logging_steps", "save_steps", "resume_from_checkpoint", "eval_file", "eval_steps",
-        "eval_batch_size", "report_to", "no_export",
+        "max_steps", "logging_steps", "save_steps", "resume_from_checkpoint", "eval_dataset", "eval_split",
+        "eval_fraction", "eval_steps", "eval_batch_size", "report_to", "no_export",
     ),
     "DeepSpeed": ("deepspeed_config", "bf16", "local_rank"),
 }  # fmt: skip
@@ -70,16 +73,44 @@ class TrainerConfig:
 
     # --- model and data
     model_name_or_path: str = _help("student model directory (Hugging Face layout) or hub id")
-    train_file: str = _help("JSONL with 'prompt' and 'completion' fields")
+    dataset: str = _help(
+        "training data: a local file (jsonl, json, parquet, csv, arrow), a datasets.save_to_disk folder, or a hub "
+        "id; rows in messages, prompt/completion, text or tokenized format (docs/trainer.md)",
+        aliases=["--train_file"],
+    )
     output_dir: str = _help("logs, checkpoints and the final export go here")
     max_steps: int = _help("optimizer steps to train")
     deepspeed_config: str = _help(
         "DeepSpeed JSON config (batch sizes, optimizer, ZeRO stage); see deploy/ds_zero*.json",
         aliases=["--deepspeed"],
     )
-    max_length: int = _help("prompt + completion tokens (the total)", default=1024)
+    max_length: int = _help("tokens per sequence: prompt and completion, or the whole conversation", default=1024)
     max_completion_length: int | None = _help(
-        "completion tokens kept (must leave room for the prompt inside --max_length)", default=None
+        "completion tokens kept of a prompt/completion row (must leave room for the prompt inside --max_length)",
+        default=None,
+    )
+    dataset_split: str = _help("split of --dataset when it is a save_to_disk folder or a hub id", default="train")
+    dataset_format: DatasetFormat = _help(
+        "row format; auto detects it from the columns (messages; prompt + completion; input_ids; text)", default="auto"
+    )
+    truncation: Truncation = _help(
+        "a row longer than --max_length: keep_end keeps its last tokens, keep_start its first, error refuses it",
+        default="keep_end",
+    )
+    assistant_turns: Literal["all", "last"] = _help(
+        "conversations: the loss on every assistant turn, or on the last one only (TRL's choice)", default="all"
+    )
+    drop_invalid_rows: bool = _help(
+        "drop (and count) rows that cannot be trained on instead of stopping before training", default=False
+    )
+    dataset_num_proc: int | None = _help("processes that encode the dataset (datasets.map num_proc)", default=None)
+    streaming: bool = _help(
+        "read --dataset as a stream (larger than memory): rows are encoded as they are read, in stored order, "
+        "and a resume continues after the last batch trained",
+        default=False,
+    )
+    group_by_length: bool = _help(
+        "micro-batches of similar lengths (HF Trainer's length-grouped sampling): less padding", default=False
     )
     seed: int = _help("data order, initialization and the lmbda draws", default=42)
 
@@ -146,7 +177,15 @@ class TrainerConfig:
         "or `latest` (output_dir/checkpoints)",
         default=None,
     )
-    eval_file: str | None = _help("held-out JSONL (prompt/completion) for KL and cross-entropy", default=None)
+    eval_dataset: str | None = _help(
+        "held-out data for KL and cross-entropy, as --dataset (any source and format)",
+        default=None,
+        aliases=["--eval_file"],
+    )
+    eval_split: str = _help("split of --eval_dataset when it is a save_to_disk folder or a hub id", default="test")
+    eval_fraction: float | None = _help(
+        "hold out this fraction of --dataset for evaluation instead of an --eval_dataset", default=None
+    )
     eval_steps: int | None = _help("evaluate every N steps (and at the end)", default=None)
     eval_batch_size: int | None = _help("sequences per evaluation batch (default: micro-batch)", default=None)
     report_to: Literal["tensorboard", "none"] = _help(
@@ -215,8 +254,17 @@ class TrainerConfig:
             raise ValueError(
                 f"--max_new_tokens {self.max_new_tokens} leaves no room for the prompt inside --max_length"
             )
-        if self.eval_steps is not None and self.eval_file is None:
-            raise ValueError("--eval_steps needs --eval_file")
+        if self.eval_fraction is not None and not 0.0 < self.eval_fraction < 1.0:
+            raise ValueError(f"--eval_fraction must be in (0, 1), got {self.eval_fraction}")
+        if self.eval_fraction is not None and self.eval_dataset is not None:
+            raise ValueError("--eval_fraction and --eval_dataset are alternatives; give one")
+        if self.streaming and (self.group_by_length or self.eval_fraction is not None):
+            flag = "--group_by_length" if self.group_by_length else "--eval_fraction"
+            raise ValueError(f"{flag} needs the whole dataset at hand; it does not combine with --streaming")
+        if self.dataset_num_proc is not None and self.dataset_num_proc < 1:
+            raise ValueError(f"--dataset_num_proc must be >= 1, got {self.dataset_num_proc}")
+        if self.eval_steps is not None and not self.has_eval:
+            raise ValueError("--eval_steps needs --eval_file (--eval_dataset) or --eval_fraction")
 
     @property
     def local_teacher(self) -> bool:
@@ -226,6 +274,31 @@ class TrainerConfig:
     def generates(self) -> bool:
         """Some steps train on generated completions (on-policy, or sequence-level KD)."""
         return self.lmbda > 0 or self.seq_kd
+
+    @property
+    def has_eval(self) -> bool:
+        return self.eval_dataset is not None or self.eval_fraction is not None
+
+    @property
+    def train_file(self) -> str:
+        """``--dataset`` under its first name."""
+        return self.dataset
+
+    @property
+    def eval_file(self) -> str | None:
+        """``--eval_dataset`` under its first name."""
+        return self.eval_dataset
+
+    @property
+    def data_spec(self) -> DataSpec:
+        """How rows become examples, for the data loaders (which never see the whole config)."""
+        return DataSpec(
+            format=self.dataset_format,
+            max_length=self.max_length,
+            max_completion_length=self.max_completion_length,
+            assistant_turns=self.assistant_turns,
+            truncation=self.truncation,
+        )
 
     @property
     def loss(self) -> LossConfig:
@@ -333,19 +406,22 @@ def _config_path(tokens: list[str]) -> str | None:
 
 
 def _is_hub_id(value: str) -> bool:
-    """``org/name`` or ``name``: what ``from_pretrained`` resolves on the Hugging Face Hub when no such path exists."""
+    """``org/name`` or ``name``: what ``from_pretrained``/``load_dataset`` resolve on the Hub when no such path
+    exists (a name with a file suffix, like ``train.jsonl``, is taken for a missing file)."""
+    if Path(value).suffix.lower() in {".jsonl", ".json", ".parquet", ".csv", ".arrow", ".txt"}:
+        return False
     return re.fullmatch(r"[\w.-]+(/[\w.-]+)?", value) is not None and not value.startswith(".")
 
 
 def check_files_exist(config: TrainerConfig) -> None:
-    """Inputs exist (models may also be hub ids), the resume point is found, the DeepSpeed config is valid."""
-    for name in ("model_name_or_path", "teacher_model_name_or_path", "train_file", "eval_file"):
+    """Inputs exist (models and datasets may also be hub ids), the resume point is found, the DeepSpeed config
+    is valid."""
+    flags = {"dataset": "--dataset (--train_file)", "eval_dataset": "--eval_dataset (--eval_file)"}
+    for name in ("model_name_or_path", "teacher_model_name_or_path", "dataset", "eval_dataset"):
         value = getattr(config, name)
-        if value is None or Path(value).exists():
+        if value is None or Path(value).exists() or _is_hub_id(value):
             continue
-        if name.endswith("model_name_or_path") and _is_hub_id(value):
-            continue
-        raise ValueError(f"--{name} {value} does not exist")
+        raise ValueError(f"{flags.get(name, '--' + name)} {value} does not exist")
     if config.resume_from_checkpoint is not None:
         try:
             resolve_resume(config.resume_from_checkpoint, config.output_dir)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -38,7 +38,7 @@ def row_logits_fn(model: torch.nn.Module) -> RowLogitsFn:
 def evaluate(
     student: RowLogitsFn,
     teacher: RowLogitsFn | None,
-    examples: list[Example],
+    examples: Sequence[Example],
     pad_id: int,
     top_k: int,
     batch_size: int = 32,
@@ -69,7 +69,7 @@ def evaluate(
 def sharded_eval(
     student: RowLogitsFn,
     request: Callable[[Batch], Handle[TeacherRows]],
-    examples: list[Example],
+    examples: Sequence[Example],
     *,
     rank: int,
     world: int,

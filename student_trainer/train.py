@@ -3,9 +3,11 @@ while this step trains."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,8 @@ from student_trainer.checkpoint import (
     save_checkpoint,
 )
 from student_trainer.config import TrainerConfig, parse_args
-from student_trainer.data import Example, ShardedBatches, load_jsonl
+from student_trainer.data import DataError, DataSource, Example, ShardedBatches, StreamingBatches, load_examples
+from student_trainer.data.sources import split_off_eval, stream_for_rank
 from student_trainer.evaluate import sharded_eval
 from student_trainer.logs import RunLog, quiet_upstream_warnings
 from student_trainer.modeling import RowLogitsLM
@@ -62,14 +65,7 @@ def train(config: TrainerConfig) -> dict[str, float]:
         )
         if isinstance(teacher, LocalTeacher):
             teacher.load(engine.device, torch.bfloat16 if config.bf16 else torch.float32)
-        examples = load_jsonl(config.train_file, tokenizer, config.max_length, config.max_completion_length)
-        batches = ShardedBatches(
-            examples, engine.train_micro_batch_size_per_gpu(), rank, dist.get_world_size(), config.seed,
-            tokenizer.pad_token_id,
-        )  # fmt: skip
-        eval_examples = None
-        if config.eval_file is not None:
-            eval_examples = load_jsonl(config.eval_file, tokenizer, config.max_length, config.max_completion_length)
+        batches, eval_examples = load_data(config, tokenizer, engine.train_micro_batch_size_per_gpu())
         start_step = 0
         if config.resume_from_checkpoint is not None:
             root, tag = resolve_resume(config.resume_from_checkpoint, out_dir)
@@ -95,13 +91,65 @@ def train(config: TrainerConfig) -> dict[str, float]:
     return summary
 
 
+@contextlib.contextmanager
+def main_process_first() -> Iterator[None]:
+    """Rank 0 first (it encodes the dataset into the ``datasets`` cache), then the others (they read the cache)."""
+    if dist.get_rank() != 0:
+        dist.barrier()
+    try:
+        yield
+    finally:
+        if dist.get_rank() == 0:
+            dist.barrier()
+
+
+def load_data(
+    config: TrainerConfig, tokenizer: Any, micro_batch: int
+) -> tuple[ShardedBatches | StreamingBatches, Sequence[Example] | None]:
+    """This rank's training micro-batches and the held-out examples, checked and counted before step 1."""
+    rank, world, pad_id = dist.get_rank(), dist.get_world_size(), tokenizer.pad_token_id
+    source = DataSource(config.dataset, config.dataset_split, config.streaming)
+    eval_source = None if config.eval_dataset is None else DataSource(config.eval_dataset, config.eval_split)
+    options = {"drop_invalid": config.drop_invalid_rows, "num_proc": config.dataset_num_proc}
+    with main_process_first():
+        if rank != 0:
+            import datasets
+
+            datasets.disable_progress_bars()
+        eval_examples = None
+        if config.streaming:
+            stream = stream_for_rank(source, tokenizer, config.data_spec, rank, world)
+            batches: ShardedBatches | StreamingBatches = StreamingBatches(
+                stream, micro_batch, pad_id, config.dataset, config.drop_invalid_rows
+            )
+            if rank == 0:
+                logger.info("%s: streamed, rows encoded as they are read", config.dataset)
+        else:
+            rows = eval_rows = None
+            if config.eval_fraction is not None:
+                rows, eval_rows = split_off_eval(source, config.eval_fraction, config.seed)
+                eval_source = DataSource(f"{config.dataset} (held-out {config.eval_fraction:.0%})")
+            train, stats = load_examples(source, tokenizer, config.data_spec, rows=rows, **options)
+            lengths = train.lengths if config.group_by_length else None
+            batches = ShardedBatches(train, micro_batch, rank, world, config.seed, pad_id, lengths)
+            if rank == 0:
+                logger.info("%s", stats.describe(config.dataset))
+        if eval_source is not None:
+            eval_examples, eval_stats = load_examples(
+                eval_source, tokenizer, config.data_spec, rows=eval_rows, **options
+            )
+            if rank == 0:
+                logger.info("%s", eval_stats.describe(eval_source.name))
+    return batches, eval_examples
+
+
 def loop(
     config: TrainerConfig,
     engine: Any,
     teacher: Teacher,
     tokenizer: Any,
-    batches: ShardedBatches,
-    eval_examples: list[Example] | None,
+    batches: ShardedBatches | StreamingBatches,
+    eval_examples: Sequence[Example] | None,
     start_step: int,
 ) -> dict[str, float]:
     """Steps ``start_step + 1 .. max_steps``; returns the last log record and evaluation."""
@@ -158,7 +206,7 @@ def evaluate(
     engine: Any,
     teacher: Teacher,
     tokenizer: Any,
-    examples: list[Example],
+    examples: Sequence[Example],
     run_log: RunLog,
     step: int,
 ) -> dict[str, float]:
@@ -188,6 +236,6 @@ def main() -> None:
     config = parse_args()
     try:
         train(config)
-    except (TeacherError, NonFiniteLossError) as exc:
+    except (TeacherError, NonFiniteLossError, DataError) as exc:
         logger.error("training stopped: %s", exc)
         sys.exit(2)

@@ -17,7 +17,7 @@ from student_trainer.teacher.prefetch import TeacherPrefetcher
 from student_trainer.teacher.rows import Deferred
 from student_trainer.teacher.service import ServiceTeacher
 
-EXAMPLES = [Example([1, 2 + i % 5, 3, 4, 5][: 3 + i % 3], 2) for i in range(40)]
+EXAMPLES = [Example.completion([1, 2 + i % 5, 3, 4, 5][: 3 + i % 3], 2) for i in range(40)]
 
 
 def batches(seed: int = 0) -> ShardedBatches:
@@ -122,7 +122,7 @@ def test_teacher_down_mid_feed_raises_a_typed_error_and_fills_nothing() -> None:
         depth=2,
     )
     teacher = ServiceTeacher(prefetcher, top_k=2, want_tail=False, prefetch=True)
-    data = iter(ShardedBatches([Example([1, 2, 3], 1)] * 8, 1, 0, 1, 0, 0))
+    data = iter(ShardedBatches([Example.completion([1, 2, 3], 1)] * 8, 1, 0, 1, 0, 0))
     try:
         feed = TeacherFeed(data, teacher.request, depth=2, micro_per_step=1, first_step=1, ahead=lambda s: True)
         for _ in range(2):

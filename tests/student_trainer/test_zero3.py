@@ -12,7 +12,7 @@ from support import REPO, ds_config, failure_output, launch, read_jsonl
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from demo.tiny import TinyAssets
-from shared.alignment import next_token_labels, padded_positions
+from shared.alignment import next_token_labels
 from student_trainer.data import ShardedBatches, load_jsonl
 from student_trainer.loss import completion_cross_entropy, gkd_full_vocab_loss
 from student_trainer.modeling import RowLogitsLM
@@ -36,7 +36,7 @@ def reference_step(assets: TinyAssets) -> dict[str, torch.Tensor]:
     total = sum(b.num_target_tokens for b in batches)
     loss = torch.zeros(())
     for b in batches:
-        b_idx, t_idx = padded_positions(b.attention_mask, b.first_rows)
+        b_idx, t_idx = b.row_index()
         s = rows(b.input_ids, b.attention_mask, b_idx, t_idx)
         with torch.no_grad():
             t = teacher(b.input_ids, b.attention_mask, b_idx, t_idx)
