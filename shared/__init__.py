@@ -1,17 +1,26 @@
 """The wire contract between the teacher service and the student trainer."""
 
 from shared.alignment import (
+    RowSpan,
+    check_row_spans,
+    first_rows_of_spans,
     next_token_labels,
     num_rows,
     pad_sequences,
     padded_positions,
     row_offsets,
+    rows_of_spans,
+    span_positions,
+    span_rows,
+    spans_from_first_rows,
+    tokens_for_spans,
     vllm_entry_for_row,
 )
 from shared.codec import LOGPROB_DTYPES, FrameError, TopkFrame, decode_frame, encode_frame
 from shared.fingerprint import tokenizer_fingerprint
 from shared.protocol import (
     FORMAT_VERSION,
+    FORMAT_VERSIONS,
     TOPK_MEDIA_TYPE,
     ErrorDetail,
     ErrorResponse,
@@ -26,6 +35,7 @@ from shared.protocol import (
 
 __all__ = [
     "FORMAT_VERSION",
+    "FORMAT_VERSIONS",
     "LOGPROB_DTYPES",
     "TOPK_MEDIA_TYPE",
     "ErrorDetail",
@@ -34,18 +44,26 @@ __all__ = [
     "ModelCard",
     "ModelList",
     "RequestLimits",
+    "RowSpan",
     "SequenceTopk",
     "TeacherInfo",
     "TopkFrame",
     "TopkJsonResponse",
     "TopkRequest",
+    "check_row_spans",
     "decode_frame",
     "encode_frame",
+    "first_rows_of_spans",
     "next_token_labels",
     "num_rows",
     "pad_sequences",
     "padded_positions",
     "row_offsets",
+    "rows_of_spans",
+    "span_positions",
+    "span_rows",
+    "spans_from_first_rows",
     "tokenizer_fingerprint",
+    "tokens_for_spans",
     "vllm_entry_for_row",
 ]

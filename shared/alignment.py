@@ -55,6 +55,37 @@ def span_rows(spans: Sequence[Sequence[int]]) -> int:
     return sum(end - start for start, end in spans)
 
 
+def as_row_spans(row_spans: Sequence[Sequence[Sequence[int]]]) -> list[list[RowSpan]]:
+    """Spans as plain ``(start, end)`` int tuples (JSON gives lists, numpy and torch give their own ints)."""
+    return [[(int(start), int(end)) for start, end in spans] for spans in row_spans]
+
+
+def first_rows_of_spans(seq_lens: Sequence[int], row_spans: Sequence[Sequence[Sequence[int]]]) -> list[int]:
+    """Each sequence's first row: its first span's start, or ``L-1`` (rows from there on: none) without spans.
+
+    The inverse of :func:`spans_from_first_rows`, so a request by spans and one by ``first_rows`` naming
+    the same rows have the same first rows.
+    """
+    return [int(spans[0][0]) if spans else num_rows(n) for n, spans in zip(seq_lens, row_spans, strict=True)]
+
+
+def tokens_for_spans(spans: Sequence[Sequence[int]]) -> int:
+    """Tokens a model must see to score one sequence's spans: up to the last span's last label (0 without spans).
+
+    Row j needs tokens ``0..j+1`` (the context and the actual next token), so tokens after the last span's
+    end change none of its rows: a scorer may leave them out, and skip a sequence without spans altogether.
+    """
+    return int(spans[-1][1]) + 1 if spans else 0
+
+
+def span_row_offsets(row_spans: Sequence[Sequence[Sequence[int]]]) -> torch.Tensor:
+    """Ragged offsets [B+1] of the rows the spans of each sequence hold (the frame's ``row_offsets``)."""
+    counts = torch.tensor([span_rows(spans) for spans in row_spans], dtype=torch.int64)
+    offsets = torch.zeros(len(row_spans) + 1, dtype=torch.int64)
+    offsets[1:] = torch.cumsum(counts, 0)
+    return offsets
+
+
 def span_positions(
     attention_mask: torch.Tensor, row_spans: Sequence[Sequence[Sequence[int]]]
 ) -> tuple[torch.Tensor, torch.Tensor]:

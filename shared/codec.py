@@ -3,6 +3,15 @@
 Rows of all sequences are concatenated (no padding bytes); ``row_offsets[b]`` to
 ``row_offsets[b+1]`` are sequence b's rows, and ``first_rows[b]`` says which row
 index (in the position convention of :mod:`shared.alignment`) the first of them is.
+
+Format 1 holds, per sequence, one contiguous block of rows from ``first_rows[b]`` on.
+Format 2 adds row spans, for losses over several turns of a conversation: ``row_spans``
+int64 [S, 2] and ``span_offsets`` int64 [B+1]; sequence b's spans are
+``row_spans[span_offsets[b]:span_offsets[b+1]]`` and its rows are theirs, span by span.
+A frame is written at the lowest version that holds it (a frame without spans is format 1:
+the tensors and metadata a format 1 writer sends), so a client that reads only format 1
+keeps working for requests without spans.
+
 Encoding uses the safetensors library; decoding parses the header once and returns
 zero-copy views over the received bytes, which ``safetensors.torch.load`` (it copies
 every tensor and drops the metadata) does not offer for in-memory buffers.
@@ -13,12 +22,14 @@ from __future__ import annotations
 import json
 import struct
 import warnings
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 
 import torch
 from safetensors.torch import save
 
-from shared.protocol import FORMAT_VERSION
+from shared.alignment import RowSpan, first_rows_of_spans, rows_of_spans, span_row_offsets
+from shared.protocol import FORMAT_VERSIONS
 
 _DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -36,6 +47,24 @@ LOGPROB_DTYPES: dict[str, torch.dtype] = {
 
 
 _EXTRAS = ("target_logprobs", "tail_logmass", "target_ranks")
+_SPAN_TENSORS = ("row_spans", "span_offsets")
+
+
+def _joined_offsets(offsets: list[torch.Tensor]) -> torch.Tensor:
+    """Ragged offsets of consecutive groups joined: each group's shifted by the items of the groups before it."""
+    out, base = [offsets[0]], int(offsets[0][-1])
+    for o in offsets[1:]:
+        out.append(o[1:] + base)
+        base += int(o[-1])
+    return torch.cat(out)
+
+
+def _pack_spans(row_spans: Sequence[Sequence[Sequence[int]]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row_spans int64 [S, 2], span_offsets int64 [B+1]) of spans per sequence."""
+    flat = [[int(start), int(end)] for spans in row_spans for start, end in spans]
+    offsets = torch.zeros(len(row_spans) + 1, dtype=torch.int64)
+    offsets[1:] = torch.cumsum(torch.tensor([len(spans) for spans in row_spans], dtype=torch.int64), 0)
+    return torch.tensor(flat, dtype=torch.int64).reshape(-1, 2), offsets
 
 
 class FrameError(ValueError):
@@ -49,7 +78,9 @@ class TopkFrame:
     token_ids: int32 [N, k]; logprobs: float [N, k] sorted descending per row;
     row_offsets: int64 [B+1]; first_rows: int64 [B]; optional per-row extras
     target_logprobs and tail_logmass: float32 [N]; target_ranks int32 [N] (1-based vocabulary
-    rank of the actual next token, used by the vLLM-compatible JSON answer).
+    rank of the actual next token, used by the vLLM-compatible JSON answer); optional
+    row_spans int64 [S, 2] and span_offsets int64 [B+1] (both or neither: format 2).
+    :meth:`spans` gives each sequence's spans either way.
     """
 
     token_ids: torch.Tensor
@@ -59,7 +90,70 @@ class TopkFrame:
     target_logprobs: torch.Tensor | None = None
     tail_logmass: torch.Tensor | None = None
     target_ranks: torch.Tensor | None = None
+    row_spans: torch.Tensor | None = None
+    span_offsets: torch.Tensor | None = None
     metadata: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_spans(
+        cls,
+        token_ids: torch.Tensor,
+        logprobs: torch.Tensor,
+        row_spans: Sequence[Sequence[RowSpan]],
+        seq_lens: Sequence[int],
+        *,
+        target_logprobs: torch.Tensor | None = None,
+        tail_logmass: torch.Tensor | None = None,
+        target_ranks: torch.Tensor | None = None,
+        metadata: dict[str, str] | None = None,
+    ) -> TopkFrame:
+        """A frame carrying ``row_spans``, from the rows of all spans in frame order (offsets and first rows
+        follow from the spans; ``seq_lens`` gives a sequence without spans its first row, L-1)."""
+        packed, offsets = _pack_spans(row_spans)
+        return cls(
+            token_ids=token_ids,
+            logprobs=logprobs,
+            row_offsets=span_row_offsets(row_spans),
+            first_rows=torch.tensor(first_rows_of_spans(seq_lens, row_spans), dtype=torch.int64),
+            target_logprobs=target_logprobs,
+            tail_logmass=tail_logmass,
+            target_ranks=target_ranks,
+            row_spans=packed,
+            span_offsets=offsets,
+            metadata=dict(metadata or {}),
+        )
+
+    @classmethod
+    def from_blocks(
+        cls,
+        block: TopkFrame,
+        row_spans: Sequence[Sequence[RowSpan]],
+        seq_lens: Sequence[int],
+    ) -> TopkFrame:
+        """The rows ``row_spans`` names, cut out of rows computed as contiguous blocks: ``block`` is a frame
+        without spans holding, for each sequence that has spans (in order; a scorer sends no others), rows
+        from its ``first_rows`` on through its last span. What engines that score whole prompts compute."""
+        if block.has_spans:
+            raise ValueError("from_blocks cuts spans out of a frame without spans")
+        with_rows = [spans for spans in row_spans if spans]
+        if block.num_sequences != len(with_rows):
+            raise ValueError(f"{block.num_sequences} blocks of rows for {len(with_rows)} sequences with spans")
+        counts = (block.row_offsets[1:] - block.row_offsets[:-1]).tolist()
+        idx = rows_of_spans(with_rows, block.first_rows.tolist(), counts)
+
+        def rows(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[idx]
+
+        return cls.from_spans(
+            block.token_ids[idx],
+            block.logprobs[idx],
+            row_spans,
+            seq_lens,
+            target_logprobs=rows(block.target_logprobs),
+            tail_logmass=rows(block.tail_logmass),
+            target_ranks=rows(block.target_ranks),
+            metadata=block.metadata,
+        )
 
     @property
     def num_sequences(self) -> int:
@@ -69,8 +163,42 @@ class TopkFrame:
     def top_k(self) -> int:
         return int(self.token_ids.shape[1])
 
+    @property
+    def has_spans(self) -> bool:
+        return self.row_spans is not None
+
+    @property
+    def format_version(self) -> int:
+        """The frame version that holds this frame: 2 with spans, else 1 (what a format 1 reader decodes)."""
+        return 2 if self.has_spans else 1
+
     def rows(self, b: int) -> slice:
         return slice(int(self.row_offsets[b]), int(self.row_offsets[b + 1]))
+
+    def spans(self) -> list[list[RowSpan]]:
+        """Each sequence's row spans: carried (format 2), or its one block ``first_rows[b]..`` (format 1)."""
+        if self.row_spans is not None and self.span_offsets is not None:
+            pairs = [(int(start), int(end)) for start, end in self.row_spans.tolist()]
+            offsets = self.span_offsets.tolist()
+            return [pairs[offsets[b] : offsets[b + 1]] for b in range(self.num_sequences)]
+        counts = (self.row_offsets[1:] - self.row_offsets[:-1]).tolist()
+        return [[(f, f + c)] if c > 0 else [] for f, c in zip(self.first_rows.tolist(), counts, strict=True)]
+
+    def with_spans(self) -> TopkFrame:
+        """This frame carrying its spans (format 2), as a request by ``row_spans`` is answered."""
+        if self.has_spans:
+            return self
+        packed, offsets = _pack_spans(self.spans())
+        return replace(self, row_spans=packed, span_offsets=offsets)
+
+    def without_spans(self) -> TopkFrame:
+        """This frame as format 1, as a request by ``first_rows`` is answered; one span per sequence at most."""
+        if self.span_offsets is None:
+            return self
+        most = int((self.span_offsets[1:] - self.span_offsets[:-1]).max()) if self.num_sequences else 0
+        if most > 1:
+            raise FrameError(f"a sequence has {most} row spans: format 1 holds one block of rows per sequence")
+        return replace(self, row_spans=None, span_offsets=None)
 
     def select(self, lo: int, hi: int, top_k: int | None = None) -> TopkFrame:
         """Sequences ``lo:hi`` (and the first ``top_k`` columns) as a frame of their own.
@@ -88,6 +216,10 @@ class TopkFrame:
             # the columns dropped from the top-k now belong to the tail
             dropped = self.logprobs[r0:r1, k:].float()
             tail = torch.logsumexp(torch.cat([tail.float().unsqueeze(-1), dropped], dim=-1), dim=-1)
+        row_spans = span_offsets = None
+        if self.row_spans is not None and self.span_offsets is not None:
+            s0, s1 = int(self.span_offsets[lo]), int(self.span_offsets[hi])
+            row_spans, span_offsets = self.row_spans[s0:s1], self.span_offsets[lo : hi + 1] - s0
         return TopkFrame(
             token_ids=self.token_ids[r0:r1, :k],
             logprobs=self.logprobs[r0:r1, :k],
@@ -96,19 +228,21 @@ class TopkFrame:
             target_logprobs=rows(self.target_logprobs),
             tail_logmass=tail,
             target_ranks=rows(self.target_ranks),
+            row_spans=row_spans,
+            span_offsets=span_offsets,
             metadata=dict(self.metadata),
         )
 
     @staticmethod
     def concat(parts: list[TopkFrame]) -> TopkFrame:
-        """Frames of consecutive sequence groups joined into one (offsets shifted, extras kept if all have them)."""
+        """Frames of consecutive sequence groups joined into one (offsets shifted, extras kept if all have them;
+        spans carried if any part carries them)."""
         if len(parts) == 1:
             return parts[0]
-        offsets = [parts[0].row_offsets]
-        base = int(parts[0].row_offsets[-1])
-        for p in parts[1:]:
-            offsets.append(p.row_offsets[1:] + base)
-            base += int(p.row_offsets[-1])
+        span_offsets = None
+        if any(p.has_spans for p in parts):
+            parts = [p.with_spans() for p in parts]
+            span_offsets = _joined_offsets([p.span_offsets for p in parts if p.span_offsets is not None])
 
         def cat(name: str) -> torch.Tensor | None:
             tensors = [getattr(p, name) for p in parts]
@@ -117,11 +251,13 @@ class TopkFrame:
         return TopkFrame(
             token_ids=torch.cat([p.token_ids for p in parts]),
             logprobs=torch.cat([p.logprobs for p in parts]),
-            row_offsets=torch.cat(offsets),
+            row_offsets=_joined_offsets([p.row_offsets for p in parts]),
             first_rows=torch.cat([p.first_rows for p in parts]),
             target_logprobs=cat("target_logprobs"),
             tail_logmass=cat("tail_logmass"),
             target_ranks=cat("target_ranks"),
+            row_spans=cat("row_spans"),
+            span_offsets=span_offsets,
             metadata=dict(parts[0].metadata),
         )
 
@@ -135,13 +271,49 @@ class TopkFrame:
             raise FrameError(f"row_offsets must start at 0 and end at {n} rows")
         if self.first_rows.numel() != self.num_sequences:
             raise FrameError(f"{self.first_rows.numel()} first_rows for {self.num_sequences} sequences")
+        if self.row_offsets.numel() > 1 and bool((self.row_offsets[1:] < self.row_offsets[:-1]).any()):
+            raise FrameError("row_offsets decrease")
         for name in _EXTRAS:
             extra = getattr(self, name)
             if extra is not None and tuple(extra.shape) != (n,):
                 raise FrameError(f"{name} has shape {tuple(extra.shape)}, expected ({n},)")
+        self._validate_spans()
+
+    def _validate_spans(self) -> None:
+        """Spans ascending, disjoint and non-empty per sequence, holding exactly its rows, the first at first_rows."""
+        spans, offsets = self.row_spans, self.span_offsets
+        if spans is None and offsets is None:
+            return
+        if spans is None or offsets is None:
+            raise FrameError("row_spans and span_offsets come together")
+        b = self.num_sequences
+        if spans.dim() != 2 or spans.shape[1] != 2:
+            raise FrameError(f"row_spans has shape {tuple(spans.shape)}, expected (S, 2)")
+        s = int(spans.shape[0])
+        if tuple(offsets.shape) != (b + 1,) or int(offsets[0]) != 0 or int(offsets[-1]) != s:
+            raise FrameError(f"span_offsets must have {b + 1} entries from 0 to {s} spans")
+        per_seq = offsets[1:] - offsets[:-1]
+        if bool((per_seq < 0).any()):
+            raise FrameError("span_offsets decrease")
+        starts, ends = spans[:, 0].long(), spans[:, 1].long()
+        if bool((starts < 0).any()) or bool((ends <= starts).any()):
+            raise FrameError("a row span is empty or starts before row 0")
+        seq_of_span = torch.repeat_interleave(torch.arange(b), per_seq)
+        same_seq = seq_of_span[1:] == seq_of_span[:-1]
+        if bool((same_seq & (starts[1:] < ends[:-1])).any()):
+            raise FrameError("row spans of a sequence overlap or do not ascend")
+        cum = torch.zeros(s + 1, dtype=torch.int64)
+        cum[1:] = torch.cumsum(ends - starts, 0)
+        span_rows = cum[offsets[1:].long()] - cum[offsets[:-1].long()]
+        if not torch.equal(span_rows, (self.row_offsets[1:] - self.row_offsets[:-1]).long()):
+            raise FrameError(f"row spans hold {span_rows.tolist()} rows per sequence, row_offsets another count")
+        has = per_seq > 0
+        if not torch.equal(self.first_rows[has].long(), starts[offsets[:-1][has].long()]):
+            raise FrameError("first_rows differ from the start of each sequence's first span")
 
 
 def encode_frame(frame: TopkFrame) -> bytes:
+    """The frame's bytes, written as format 2 when it carries spans and as format 1 otherwise."""
     frame.validate()
     tensors = {
         "token_ids": frame.token_ids.to(torch.int32).contiguous(),
@@ -154,7 +326,11 @@ def encode_frame(frame: TopkFrame) -> bytes:
         if extra is not None:
             dtype = torch.int32 if name == "target_ranks" else torch.float32
             tensors[name] = extra.to(dtype).contiguous()
-    metadata = {"format_version": str(FORMAT_VERSION), **frame.metadata}
+    for name in _SPAN_TENSORS:
+        spans = getattr(frame, name)
+        if spans is not None:
+            tensors[name] = spans.to(torch.int64).contiguous()
+    metadata = {**frame.metadata, "format_version": str(frame.format_version)}
     return save(tensors, metadata=metadata)
 
 
@@ -172,8 +348,9 @@ def decode_frame(data: bytes | bytearray | memoryview) -> TopkFrame:
         raise FrameError(f"frame header is not JSON: {exc}") from exc
     metadata = header.pop("__metadata__", {}) or {}
     version = metadata.get("format_version")
-    if version != str(FORMAT_VERSION):
-        raise FrameError(f"frame format_version {version!r}, this client reads {FORMAT_VERSION}")
+    readable = [str(v) for v in FORMAT_VERSIONS]
+    if version not in readable:
+        raise FrameError(f"frame format_version {version!r}, this client reads {' and '.join(readable)}")
     body = buf[8 + header_len :]
     tensors: dict[str, torch.Tensor] = {}
     for name, spec in header.items():
@@ -194,6 +371,11 @@ def decode_frame(data: bytes | bytearray | memoryview) -> TopkFrame:
     missing = {"token_ids", "logprobs", "row_offsets", "first_rows"} - tensors.keys()
     if missing:
         raise FrameError(f"frame lacks tensors {sorted(missing)}")
+    span_tensors = sorted(tensors.keys() & set(_SPAN_TENSORS))
+    if version == "1" and span_tensors:
+        raise FrameError(f"a format 1 frame carries no row spans, this one has {span_tensors}")
+    if version == "2" and len(span_tensors) != len(_SPAN_TENSORS):
+        raise FrameError(f"a format 2 frame carries row_spans and span_offsets, this one has {span_tensors}")
     frame = TopkFrame(
         token_ids=tensors["token_ids"],
         logprobs=tensors["logprobs"],
@@ -202,6 +384,8 @@ def decode_frame(data: bytes | bytearray | memoryview) -> TopkFrame:
         target_logprobs=tensors.get("target_logprobs"),
         tail_logmass=tensors.get("tail_logmass"),
         target_ranks=tensors.get("target_ranks"),
+        row_spans=tensors.get("row_spans"),
+        span_offsets=tensors.get("span_offsets"),
         metadata=metadata,
     )
     frame.validate()

@@ -10,8 +10,18 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationInfo, field_validator
 
-FORMAT_VERSION = 1
-"""Bumped whenever the binary frame layout changes incompatibly."""
+from shared.alignment import RowSpan, as_row_spans, check_row_spans, first_rows_of_spans, spans_from_first_rows
+
+FORMAT_VERSION = 2
+"""The newest binary frame layout: bumped whenever it changes incompatibly, and published in the handshake.
+
+2 adds row spans (``row_spans``, ``span_offsets``). A frame is written at the lowest version that holds it:
+the answer to a request without ``row_spans`` is still a version 1 frame, which a client that reads only
+version 1 decodes as before.
+"""
+
+FORMAT_VERSIONS: tuple[int, ...] = (1, 2)
+"""Frame versions this code reads."""
 
 TOPK_MEDIA_TYPE = "application/vnd.gkd-topk+safetensors"
 """Media type of the binary `/v1/topk_logprobs` answer (a safetensors byte frame)."""
@@ -37,7 +47,15 @@ class TopkRequest(BaseModel):
         default=None,
         description=(
             "Per sequence, the first row to compute (prompt length - 1 for completion-only "
-            "losses). Rows before it are neither computed nor sent. Default 0."
+            "losses). Rows before it are neither computed nor sent. Default 0. The one-span case of row_spans."
+        ),
+    )
+    row_spans: list[list[list[StrictInt]]] | None = Field(
+        default=None,
+        description=(
+            "Per sequence, the [start, end) row ranges to compute and send (one per assistant turn of a "
+            "conversation): ascending, disjoint, non-empty, inside the rows [0, L-1) of a sequence of L tokens; "
+            "[] for none. An alternative to first_rows. The answer is a format 2 frame carrying the spans."
         ),
     )
     logprobs_dtype: LogprobDtype = Field(default="float16", description="Dtype of `logprobs` in the frame.")
@@ -71,8 +89,36 @@ class TopkRequest(BaseModel):
                 )
         return first_rows
 
+    @field_validator("row_spans")
+    @classmethod
+    def _spans_inside_sequences(
+        cls, row_spans: list[list[list[int]]] | None, info: ValidationInfo
+    ) -> list[list[list[int]]] | None:
+        if row_spans is None:
+            return None
+        if info.data.get("first_rows") is not None:
+            raise ValueError("first_rows and row_spans are alternatives: send one of them")
+        sequences = info.data.get("sequences")
+        if sequences is None:
+            return row_spans
+        if len(row_spans) != len(sequences):
+            raise ValueError(f"row_spans has {len(row_spans)} entries for {len(sequences)} sequences")
+        for i, (spans, seq) in enumerate(zip(row_spans, sequences, strict=True)):
+            problem = check_row_spans(spans, len(seq))
+            if problem is not None:
+                raise ValueError(f"row_spans[{i}]: {problem}")
+        return row_spans
+
+    def resolved_row_spans(self) -> list[list[RowSpan]]:
+        """The rows asked for, as spans per sequence, whichever form the request used (default: all rows)."""
+        if self.row_spans is not None:
+            return as_row_spans(self.row_spans)
+        firsts = self.first_rows if self.first_rows is not None else [0] * len(self.sequences)
+        return spans_from_first_rows([len(s) for s in self.sequences], firsts)
+
     def resolved_first_rows(self) -> list[int]:
-        return list(self.first_rows) if self.first_rows is not None else [0] * len(self.sequences)
+        """The answer's ``first_rows``: ``first_rows`` as sent, or each sequence's first span start (L-1: none)."""
+        return first_rows_of_spans([len(s) for s in self.sequences], self.resolved_row_spans())
 
 
 class RequestLimits(BaseModel):
@@ -93,7 +139,10 @@ class TeacherInfo(BaseModel):
     logprob_mode: Literal["raw"] = Field(
         default="raw", description="Log-probs are raw model log-probs at temperature 1."
     )
-    format_version: int = FORMAT_VERSION
+    format_version: int = Field(
+        default=FORMAT_VERSION,
+        description="Newest frame version the teacher writes; 2 and above take row_spans.",
+    )
     engine: str
 
 
@@ -125,9 +174,12 @@ class ErrorResponse(BaseModel):
 
 
 class SequenceTopk(BaseModel):
-    """JSON form of one sequence's rows (for humans and curl; the binary frame is the default)."""
+    """JSON form of one sequence's rows, span by span (for humans and curl; the binary frame is the default)."""
 
     first_row: int
+    row_spans: list[list[int]] | None = Field(
+        default=None, description="This sequence's [start, end) row spans, when the request named spans."
+    )
     token_ids: list[list[int]]
     logprobs: list[list[float]]
     target_logprobs: list[float] | None = None
@@ -138,5 +190,5 @@ class TopkJsonResponse(BaseModel):
     model: str
     top_k: int
     vocab_size: int
-    format_version: int = FORMAT_VERSION
+    format_version: int = Field(default=1, description="As the binary frame's: 2 when the rows come with spans.")
     sequences: list[SequenceTopk]
