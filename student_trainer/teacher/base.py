@@ -56,11 +56,15 @@ class AsyncTeacherClient(Protocol):
         sequences: Sequence[Sequence[int]],
         top_k: int,
         first_rows: Sequence[int] | None = None,
+        *,
+        row_spans: Sequence[Sequence[tuple[int, int]]] | None = None,
         logprobs_dtype: LogprobDtype = "float16",
         return_target_logprobs: bool = False,
         return_tail_logmass: bool = False,
     ) -> TopkFrame:
-        """Top-k rows ``first_rows[b]..`` of every sequence of one micro-batch, checked against the request."""
+        """Top-k rows of every sequence of one micro-batch, checked against the request: rows
+        ``first_rows[b]..`` or, as the alternative, the rows of ``row_spans[b]`` (one span per assistant turn;
+        the frame then carries the spans). Neither: every row."""
         ...
 
     async def aclose(self) -> None: ...

@@ -6,7 +6,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from shared.alignment import num_rows
+from shared.alignment import span_rows
 from shared.codec import FrameError, TopkFrame, decode_frame
 from shared.protocol import TOPK_MEDIA_TYPE, LogprobDtype, TeacherInfo, TopkRequest
 from student_trainer.teacher.base import HttpTeacher
@@ -49,9 +49,12 @@ class TeacherClient(HttpTeacher):
         """Refuse to train against a teacher that would teach the wrong tokens (``probe`` is for other APIs)."""
         info = await self.info()
         if info.tokenizer_fingerprint != tokenizer_fingerprint:
+            hint = ""
+            if info.format_version < 2:  # its fingerprint left out the chat template and the added tokens
+                hint = " (this teacher predates format 2, whose fingerprint also covers the chat template: upgrade it)"
             raise TeacherMismatchError(
                 f"tokenizer mismatch: teacher {info.model!r} has {info.tokenizer_fingerprint}, "
-                f"student has {tokenizer_fingerprint}; teacher and student must share a tokenizer"
+                f"student has {tokenizer_fingerprint}; teacher and student must share a tokenizer{hint}"
             )
         if info.vocab_size != vocab_size:
             raise TeacherMismatchError(
@@ -66,17 +69,30 @@ class TeacherClient(HttpTeacher):
         sequences: Sequence[Sequence[int]],
         top_k: int,
         first_rows: Sequence[int] | None = None,
+        *,
+        row_spans: Sequence[Sequence[tuple[int, int]]] | None = None,
         logprobs_dtype: LogprobDtype = "float16",
         return_target_logprobs: bool = False,
         return_tail_logmass: bool = False,
     ) -> TopkFrame:
-        """Top-k rows of a whole micro-batch in one request, checked against what was asked."""
-        model = await self.model_name()
+        """Top-k rows of a whole micro-batch in one request, checked against what was asked.
+
+        ``row_spans`` is sent as such (the answer is a format 2 frame carrying the spans), which a teacher
+        older than format 2 cannot take: that is refused here, naming the teacher's format.
+        """
+        info = await self.info()
+        model = info.model
+        if row_spans is not None and info.format_version < 2:
+            raise TeacherMismatchError(
+                f"teacher {model!r} writes frame format {info.format_version}, which has no row spans "
+                "(format 2 and above); upgrade the teacher service"
+            )
         req = TopkRequest(
             model=model,
             sequences=[list(map(int, s)) for s in sequences],
             top_k=top_k,
             first_rows=None if first_rows is None else [int(f) for f in first_rows],
+            row_spans=None if row_spans is None else [[[int(a), int(b)] for a, b in spans] for spans in row_spans],
             logprobs_dtype=logprobs_dtype,
             return_target_logprobs=return_target_logprobs,
             return_tail_logmass=return_tail_logmass,
@@ -96,14 +112,23 @@ class TeacherClient(HttpTeacher):
 
     @staticmethod
     def _check_frame(frame: TopkFrame, req: TopkRequest, model: str) -> None:
-        firsts = req.resolved_first_rows()
-        expected = [num_rows(len(s)) - f for s, f in zip(req.sequences, firsts, strict=True)]
+        """Rows per sequence, spans, first rows, k and model as asked: a mismatch is never papered over."""
+        spans = req.resolved_row_spans()
+        expected = [span_rows(s) for s in spans]
         got = (frame.row_offsets[1:] - frame.row_offsets[:-1]).tolist()
         if got != expected:
             raise TeacherProtocolError(f"teacher returned rows per sequence {got}, expected {expected}")
+        if req.row_spans is not None and not frame.has_spans:
+            raise TeacherProtocolError("teacher answered row_spans with a frame that carries no spans")
+        answered = frame.spans()
+        if answered != spans:
+            wrong = next(b for b, (a, s) in enumerate(zip(answered, spans, strict=True)) if a != s)
+            raise TeacherProtocolError(
+                f"teacher returned rows {answered[wrong]} of sequence {wrong}, asked for {spans[wrong]}"
+            )
         if frame.top_k != req.top_k:
             raise TeacherProtocolError(f"teacher returned k={frame.top_k}, asked for {req.top_k}")
-        if frame.first_rows.tolist() != firsts:
+        if frame.first_rows.tolist() != req.resolved_first_rows():
             raise TeacherProtocolError("teacher returned different first rows than requested")
         if frame.metadata.get("model") not in (None, model):
             raise TeacherProtocolError(f"frame is from model {frame.metadata.get('model')!r}, expected {model!r}")

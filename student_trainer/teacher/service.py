@@ -19,10 +19,12 @@ class ServiceTeacher:
         self.prefetcher, self.top_k, self.want_tail, self.prefetch = prefetcher, top_k, want_tail, prefetch
 
     def _submit(self, batch: Batch) -> Future[TopkFrame]:
+        """The batch's loss rows only (one span per assistant turn): the frame's rows line up with
+        ``batch.row_index()``, span by span."""
         top_k, want_tail = self.top_k, self.want_tail
         return self.prefetcher.submit(
             lambda client: client.topk_logprobs(
-                batch.sequences, top_k, first_rows=batch.first_rows, return_tail_logmass=want_tail
+                batch.sequences, top_k, row_spans=batch.row_spans, return_tail_logmass=want_tail
             )
         )
 

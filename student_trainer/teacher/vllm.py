@@ -17,8 +17,9 @@ import numpy as np
 import orjson
 import torch
 
+from shared.alignment import tokens_for_spans
 from shared.codec import TopkFrame
-from shared.protocol import LogprobDtype
+from shared.protocol import LogprobDtype, TopkRequest
 from shared.vllm_logprobs import PromptLogprobsError, parse_completions_json
 from student_trainer.teacher.base import HttpTeacher
 from student_trainer.teacher.errors import TeacherMismatchError, TeacherProtocolError, TeacherRequestError
@@ -105,25 +106,52 @@ class VllmTeacherClient(HttpTeacher):
         sequences: Sequence[Sequence[int]],
         top_k: int,
         first_rows: Sequence[int] | None = None,
+        *,
+        row_spans: Sequence[Sequence[tuple[int, int]]] | None = None,
         logprobs_dtype: LogprobDtype = "float32",
         return_target_logprobs: bool = False,
         return_tail_logmass: bool = False,
     ) -> TopkFrame:
-        """Rows ``first_rows[b]..`` of each sequence; the tail mass is left to the loss (from the top-k)."""
+        """Rows ``first_rows[b]..``, or the rows of ``row_spans[b]`` (the frame then carries the spans, as the
+        teacher service's does); the tail mass is left to the loss (from the top-k).
+
+        vLLM answers prompt log-probs of whole prompts: each sequence is sent up to its last span's last label
+        (none without spans), its rows are read from its first span's start, and the span rows kept.
+        """
         model = await self.model_name()
-        firsts = [0] * len(sequences) if first_rows is None else [int(f) for f in first_rows]
-        body = {
-            "model": model,
-            "prompt": [list(map(int, s)) for s in sequences],
-            "max_tokens": 1,
-            "temperature": 0.0,
-            "prompt_logprobs": top_k,
-        }
+        req = TopkRequest(  # checks the rows asked for as the teacher service would
+            sequences=[[int(t) for t in s] for s in sequences],
+            top_k=top_k,
+            first_rows=None if first_rows is None else [int(f) for f in first_rows],
+            row_spans=None if row_spans is None else [[[int(a), int(b)] for a, b in spans] for spans in row_spans],
+        )
+        spans = req.resolved_row_spans()
+        scored = [b for b, sp in enumerate(spans) if sp]
+        prompts = [req.sequences[b][: tokens_for_spans(spans[b])] for b in scored]
+        block, target = await self._prompt_rows(model, prompts, [spans[b][0][0] for b in scored], top_k)
+        if return_target_logprobs:
+            block.target_logprobs = torch.from_numpy(target)
+        try:
+            frame = TopkFrame.from_blocks(block, spans, [len(s) for s in req.sequences])
+        except ValueError as exc:
+            raise TeacherProtocolError(f"vLLM answer does not cover the requested rows: {exc}") from exc
+        frame.metadata = {"model": model}
+        return frame if row_spans is not None else frame.without_spans()
+
+    async def _prompt_rows(
+        self, model: str, prompts: list[list[int]], firsts: list[int], top_k: int
+    ) -> tuple[TopkFrame, np.ndarray]:
+        """Rows ``firsts[i]..`` of each prompt from one /v1/completions request (none sent for no prompts)."""
+        if not prompts:
+            empty = TopkFrame(
+                torch.empty(0, top_k, dtype=torch.int32),
+                torch.empty(0, top_k),
+                torch.zeros(1, dtype=torch.int64),
+                torch.empty(0, dtype=torch.int64),
+            )
+            return empty, np.empty(0, dtype=np.float32)
+        body = {"model": model, "prompt": prompts, "max_tokens": 1, "temperature": 0.0, "prompt_logprobs": top_k}
         resp = await self._request(
             "POST", "/v1/completions", content=orjson.dumps(body), headers={"content-type": "application/json"}
         )
-        frame, target = parse_prompt_logprobs(resp.content, sequences, firsts, top_k, self._vocab_size)
-        if return_target_logprobs:
-            frame.target_logprobs = torch.from_numpy(target)
-        frame.metadata = {"model": model}
-        return frame
+        return parse_prompt_logprobs(resp.content, prompts, firsts, top_k, self._vocab_size)

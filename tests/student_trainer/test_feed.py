@@ -86,13 +86,10 @@ def test_schedule_is_seeded_by_step_and_matches_lmbda() -> None:
 
 
 def _frame(n: int, k: int) -> bytes:
+    """The answer to one sequence whose rows 0..n-1 are asked for by row spans (the service teacher's way)."""
     return encode_frame(
-        TopkFrame(
-            token_ids=torch.zeros(n, k, dtype=torch.int32),
-            logprobs=torch.full((n, k), -1.0),
-            row_offsets=torch.tensor([0, n]),
-            first_rows=torch.tensor([0]),
-            metadata={"model": "m"},
+        TopkFrame.from_spans(
+            torch.zeros(n, k, dtype=torch.int32), torch.full((n, k), -1.0), [[(0, n)]], [n + 1], metadata={"model": "m"}
         )
     )
 

@@ -93,6 +93,7 @@ def test_rows_equal_the_teacher_topk_with_targets_and_inf(k: int) -> None:
 
     frame = run(go())
     assert frame.row_offsets.tolist() == [0, 3, 6, 7] and frame.first_rows.tolist() == [2, 0, 0]
+    assert not frame.has_spans  # asked by first_rows: the format 1 layout, as before spans
     r = 0
     saw_inf = False
     for seq, first in zip(SEQS, [2, 0, 0], strict=True):
@@ -106,6 +107,36 @@ def test_rows_equal_the_teacher_topk_with_targets_and_inf(k: int) -> None:
             r += 1
     assert r == 7
     assert saw_inf or k == 4  # with k=20 of 40 ids, some -9999.0 entries must have become -inf
+
+
+def test_row_spans_keep_only_the_span_rows_and_send_no_more_than_needed() -> None:
+    """vLLM can only send prompt log-probs of whole prompts: each sequence goes up to its last span's last
+    label, a sequence without spans not at all, and the frame carries the spans as the teacher service's does."""
+    seqs = [*SEQS, [4, 8, 15, 16, 23, 32, 11, 12]]
+    spans = [[(1, 2), (3, 4)], [], [(0, 1)], [(2, 3), (5, 7)]]
+    mock = MockVllm()
+
+    async def go(row_spans):
+        async with VllmTeacherClient("http://vllm", transport=httpx.MockTransport(mock)) as client:
+            return await client.topk_logprobs(seqs, 4, row_spans=row_spans, return_target_logprobs=True)
+
+    frame = run(go(spans))
+    assert mock.requests[-1]["prompt"] == [SEQS[0][:5], SEQS[2], seqs[3]]
+    assert frame.spans() == spans and frame.metadata == {"model": "big-teacher"}
+    assert frame.row_offsets.tolist() == [0, 2, 2, 3, 6] and frame.first_rows.tolist() == [1, 3, 0, 2]
+    rows = [(seq, j) for seq, sp in zip(seqs, spans, strict=True) for s, e in sp for j in range(s, e)]
+    for r, (seq, j) in enumerate(rows):
+        lp = teacher_logprobs(seq[: j + 1])
+        vals, ids = torch.topk(lp, 4)
+        assert frame.token_ids[r].tolist() == ids.tolist()
+        torch.testing.assert_close(frame.logprobs[r].double(), vals, rtol=0, atol=1e-6)
+        torch.testing.assert_close(frame.target_logprobs[r].double(), lp[seq[j + 1]], rtol=0, atol=1e-6)
+    sent = len(mock.requests)
+    empty = run(go([[], [], [], []]))
+    assert len(mock.requests) == sent  # nothing to score: nothing sent
+    assert empty.token_ids.shape == (0, 4) and empty.spans() == [[], [], [], []]
+    with pytest.raises(ValueError, match=r"row_spans\[1\]"):
+        run(go([[], [(0, 4)], [], []]))
 
 
 def test_handshake_checks_tokenizer_and_max_logprobs() -> None:
