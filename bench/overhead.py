@@ -47,7 +47,7 @@ def main() -> None:
     def direct() -> float:
         t0 = time.perf_counter()
         for b in batches:
-            engine.score_sync(ScoreJob(b, [0] * len(b), args.k))
+            engine.score_sync(ScoreJob.from_first_rows(b, [0] * len(b), args.k))
         return time.perf_counter() - t0
 
     async def http(url: str) -> float:

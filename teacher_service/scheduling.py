@@ -167,7 +167,7 @@ class MicroBatcher:
         jobs = [p.job for p in batch]
         merged = ScoreJob(
             sequences=[s for j in jobs for s in j.sequences],
-            first_rows=[f for j in jobs for f in j.first_rows],
+            row_spans=[spans for j in jobs for spans in j.row_spans],
             top_k=max(j.top_k for j in jobs),
             want_target_logprobs=any(j.want_target_logprobs for j in jobs),
             want_tail_logmass=any(j.want_tail_logmass for j in jobs),
@@ -179,7 +179,7 @@ class MicroBatcher:
             results, lo = [], 0
             for p in batch:
                 hi = lo + len(p.job.sequences)
-                results.append(_only_requested(frame.select(lo, hi, p.job.top_k), p.job))
+                results.append(_only_requested(frame.select(lo, hi, p.job.top_k), p.job))  # its sequences, spans
                 lo = hi
         except Exception as exc:  # every caller of the batch gets the error, raised in its own request
             logger.exception("engine failed on a batch of %d requests", len(jobs))

@@ -3,24 +3,49 @@
 from __future__ import annotations
 
 import abc
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from shared.alignment import RowSpan, first_rows_of_spans, spans_from_first_rows
 from shared.codec import TopkFrame
 from shared.fingerprint import tokenizer_fingerprint
 
 
 @dataclass(frozen=True)
 class ScoreJob:
-    """One validated batch to score: rows ``first_rows[b] .. len(sequences[b]) - 2`` of each sequence."""
+    """One validated batch to score: the rows ``row_spans[b]`` of each sequence (spans as in
+    :mod:`shared.alignment`), in frame order. An engine answers a frame carrying these spans."""
 
     sequences: list[list[int]]
-    first_rows: list[int]
+    row_spans: list[list[RowSpan]]
     top_k: int
     want_target_logprobs: bool = False
     want_tail_logmass: bool = False
     """With ``want_target_logprobs`` the engine also fills ``target_ranks`` (1-based) where it can."""
+
+    @classmethod
+    def from_first_rows(
+        cls,
+        sequences: list[list[int]],
+        first_rows: Sequence[int],
+        top_k: int,
+        want_target_logprobs: bool = False,
+        want_tail_logmass: bool = False,
+    ) -> ScoreJob:
+        """Rows ``first_rows[b] .. len(sequences[b]) - 2`` of each sequence: the one-span case."""
+        spans = spans_from_first_rows([len(s) for s in sequences], first_rows)
+        return cls(sequences, spans, top_k, want_target_logprobs, want_tail_logmass)
+
+    @property
+    def seq_lens(self) -> list[int]:
+        return [len(s) for s in self.sequences]
+
+    @property
+    def first_rows(self) -> list[int]:
+        """The frame's ``first_rows``: each sequence's first span start (L-1 for a sequence without spans)."""
+        return first_rows_of_spans(self.seq_lens, self.row_spans)
 
     @property
     def num_tokens(self) -> int:
@@ -62,7 +87,7 @@ class TeacherEngine(abc.ABC):
 
     @abc.abstractmethod
     async def score(self, job: ScoreJob) -> TopkFrame:
-        """Top-k rows of every sequence, logprobs float32, sorted descending per row."""
+        """Top-k rows of every span of every sequence, logprobs float32, sorted descending per row."""
 
     async def close(self) -> None:
         """Release the engine's resources."""

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-from shared.alignment import pad_sequences, padded_positions, row_offsets
+from shared.alignment import RowSpan, pad_sequences, span_positions, tokens_for_spans
 from shared.codec import TopkFrame
 from teacher_service.engines.base import ModelDirEngine, ScoreJob
 
@@ -29,6 +29,22 @@ class RowTopk:
     target_logprobs: torch.Tensor | None = None  # float32 [N]
     target_ranks: torch.Tensor | None = None  # int32 [N], 1-based
     tail_logmass: torch.Tensor | None = None  # float32 [N]
+
+    @classmethod
+    def cat(cls, parts: list[RowTopk], top_k: int, targets: bool, tail: bool) -> RowTopk:
+        """Parts joined in order; no parts give zero rows with the same fields."""
+
+        def join(tensors: list[torch.Tensor | None], shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+            present = [t for t in tensors if t is not None]
+            return torch.cat(present) if present else torch.empty(shape, dtype=dtype)
+
+        return cls(
+            join([p.ids for p in parts], (0, top_k), torch.int32),
+            join([p.logprobs for p in parts], (0, top_k), torch.float32),
+            join([p.target_logprobs for p in parts], (0,), torch.float32) if targets else None,
+            join([p.target_ranks for p in parts], (0,), torch.int32) if targets else None,
+            join([p.tail_logmass for p in parts], (0,), torch.float32) if tail else None,
+        )
 
 
 def topk_rows(
@@ -107,23 +123,40 @@ class HFEngine(ModelDirEngine):
 
     async def start(self) -> None:
         await asyncio.to_thread(self.load)
-        warm = ScoreJob(sequences=[[0, 1, 2, 3]], first_rows=[0], top_k=1)
+        warm = ScoreJob.from_first_rows(sequences=[[0, 1, 2, 3]], first_rows=[0], top_k=1)
         await self.score(warm)
 
     async def score(self, job: ScoreJob) -> TopkFrame:
         return await asyncio.to_thread(self.score_sync, job)
 
     def score_sync(self, job: ScoreJob) -> TopkFrame:
+        """The rows of the job's spans, and only those: a sequence without spans is not run, the others only
+        up to their last span's last label (later tokens change none of the rows), and top-k is taken at the
+        span rows alone."""
         if self._model is None:
             raise RuntimeError("engine not loaded")
-        parts: list[TopkFrame] = []
+        scored = [b for b, spans in enumerate(job.row_spans) if spans]
+        prefixes = [job.sequences[b][: tokens_for_spans(job.row_spans[b])] for b in scored]
+        spans = [job.row_spans[b] for b in scored]
+        parts: list[RowTopk] = []
         with self._lock, torch.inference_mode():
-            for lo, hi in self._token_budget_chunks(job.sequences):
-                parts.append(self._score_chunk(job, lo, hi))
-        return TopkFrame.concat(parts)
+            for lo, hi in self._token_budget_chunks(prefixes):
+                parts.append(self._score_chunk(prefixes[lo:hi], spans[lo:hi], job))
+        rows = RowTopk.cat(parts, job.top_k, job.want_target_logprobs, job.want_tail_logmass)
+        return TopkFrame.from_spans(
+            rows.ids,
+            rows.logprobs,
+            job.row_spans,
+            job.seq_lens,
+            target_logprobs=rows.target_logprobs,
+            tail_logmass=rows.tail_logmass,
+            target_ranks=rows.target_ranks,
+        )
 
     def _token_budget_chunks(self, sequences: list[list[int]]) -> list[tuple[int, int]]:
         """Split the batch so a padded forward stays under ``max_batch_tokens``."""
+        if not sequences:
+            return []
         chunks: list[tuple[int, int]] = []
         lo, longest = 0, 0
         for i, seq in enumerate(sequences):
@@ -135,22 +168,12 @@ class HFEngine(ModelDirEngine):
         chunks.append((lo, len(sequences)))
         return chunks
 
-    def _score_chunk(self, job: ScoreJob, lo: int, hi: int) -> TopkFrame:
+    def _score_chunk(self, seqs: list[list[int]], spans: list[list[RowSpan]], job: ScoreJob) -> RowTopk:
+        """Top-k at the span rows of one padded forward pass."""
         assert self._model is not None
-        seqs = job.sequences[lo:hi]
-        firsts = job.first_rows[lo:hi]
         input_ids, mask = pad_sequences(seqs, pad_id=0)  # any id would do: padded positions are masked
         logits = self._model(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device)).logits
-        b_idx, t_idx = padded_positions(mask, firsts)
+        b_idx, t_idx = span_positions(mask, spans)
         rows = logits[b_idx.to(self.device), t_idx.to(self.device)]
         targets = input_ids[b_idx, t_idx + 1] if job.want_target_logprobs else None
-        res = topk_rows(rows, job.top_k, targets, job.want_tail_logmass)
-        return TopkFrame(
-            token_ids=res.ids,
-            logprobs=res.logprobs,
-            row_offsets=row_offsets([len(s) for s in seqs], firsts),
-            first_rows=torch.tensor(firsts, dtype=torch.int64),
-            target_logprobs=res.target_logprobs,
-            tail_logmass=res.tail_logmass,
-            target_ranks=res.target_ranks,
-        )
+        return topk_rows(rows, job.top_k, targets, job.want_tail_logmass)

@@ -24,10 +24,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from shared.alignment import row_offsets
+from shared.alignment import RowSpan, tokens_for_spans
 from shared.codec import TopkFrame
 from shared.logmath import tail_from_topk
-from shared.vllm_logprobs import PromptLogprobsError, rows_from_prompt_logprobs
+from shared.vllm_logprobs import PromptLogprobsError, PromptRows, rows_from_prompt_logprobs
 from teacher_service.engines.base import ModelDirEngine, ScoreJob
 
 if TYPE_CHECKING:
@@ -40,25 +40,45 @@ WARMUP_SEQUENCE = [0, 1, 2, 3]
 """Scored once in ``start()``: vLLM's first request is slow (seconds), the service is ready after it."""
 
 
-def frame_from_prompt_logprobs(prompt_logprobs: Sequence[Any], job: ScoreJob) -> TopkFrame:
-    """The job's frame from one vLLM ``prompt_logprobs`` per sequence (same order as ``job.sequences``)."""
+def frame_from_prompt_logprobs(prompt_logprobs: Sequence[Any | None], job: ScoreJob) -> TopkFrame:
+    """The job's frame from one vLLM ``prompt_logprobs`` per sequence (same order as ``job.sequences``).
+
+    vLLM scores whole prompts: sequence b's rows are read from its first span's start through its last
+    span's end (the prompt was cut there, see :func:`prompt_for_spans`), then the span rows are cut out.
+    A sequence without spans was not sent and has None here.
+    """
     if len(prompt_logprobs) != len(job.sequences):
         raise PromptLogprobsError(f"{len(prompt_logprobs)} results for {len(job.sequences)} sequences")
-    parts = [
-        rows_from_prompt_logprobs(pl, seq, first, job.top_k)
-        for pl, seq, first in zip(prompt_logprobs, job.sequences, job.first_rows, strict=True)
-    ]
-    lps = torch.from_numpy(np.concatenate([p.logprobs for p in parts]))
-    targets = job.want_target_logprobs
-    return TopkFrame(
-        token_ids=torch.from_numpy(np.concatenate([p.token_ids for p in parts])),
-        logprobs=lps,
-        row_offsets=row_offsets([len(s) for s in job.sequences], job.first_rows),
-        first_rows=torch.tensor(job.first_rows, dtype=torch.int64),
-        target_logprobs=torch.from_numpy(np.concatenate([p.target_logprobs for p in parts])) if targets else None,
-        target_ranks=torch.from_numpy(np.concatenate([p.target_ranks for p in parts])) if targets else None,
-        tail_logmass=tail_from_topk(lps) if job.want_tail_logmass else None,
+    parts: list[PromptRows] = []
+    for b, (pl, seq, spans) in enumerate(zip(prompt_logprobs, job.sequences, job.row_spans, strict=True)):
+        if not spans:
+            continue
+        if pl is None:
+            raise PromptLogprobsError(f"no prompt log-probs for sequence {b}, which has row spans")
+        parts.append(rows_from_prompt_logprobs(pl, prompt_for_spans(seq, spans), spans[0][0], job.top_k))
+
+    def cat(arrays: list[np.ndarray], shape: tuple[int, ...], dtype: type) -> torch.Tensor:
+        return torch.from_numpy(np.concatenate(arrays) if arrays else np.empty(shape, dtype=dtype))
+
+    k, targets = job.top_k, job.want_target_logprobs
+    block = TopkFrame(
+        token_ids=cat([p.token_ids for p in parts], (0, k), np.int32),
+        logprobs=cat([p.logprobs for p in parts], (0, k), np.float32),
+        row_offsets=torch.tensor([0, *itertools.accumulate(len(p.token_ids) for p in parts)], dtype=torch.int64),
+        first_rows=torch.tensor([spans[0][0] for spans in job.row_spans if spans], dtype=torch.int64),
+        target_logprobs=cat([p.target_logprobs for p in parts], (0,), np.float32) if targets else None,
+        target_ranks=cat([p.target_ranks for p in parts], (0,), np.int32) if targets else None,
     )
+    frame = TopkFrame.from_blocks(block, job.row_spans, job.seq_lens)
+    if job.want_tail_logmass:
+        frame.tail_logmass = tail_from_topk(frame.logprobs)
+    return frame
+
+
+def prompt_for_spans(sequence: list[int], spans: list[RowSpan]) -> list[int]:
+    """The tokens vLLM is sent for a sequence's spans: up to the last span's last label (later ones change
+    none of its rows, see :func:`shared.alignment.tokens_for_spans`)."""
+    return sequence[: tokens_for_spans(spans)]
 
 
 class VLLMEngine(ModelDirEngine):
@@ -141,7 +161,9 @@ class VLLMEngine(ModelDirEngine):
             )
             warm = time.perf_counter()
             await self.score(
-                ScoreJob(sequences=[WARMUP_SEQUENCE], first_rows=[0], top_k=min(self.max_top_k, self._vocab_size))
+                ScoreJob.from_first_rows(
+                    sequences=[WARMUP_SEQUENCE], first_rows=[0], top_k=min(self.max_top_k, self._vocab_size)
+                )
             )
             logger.info("vLLM warm-up request took %.1fs", time.perf_counter() - warm)
         except BaseException:
@@ -166,24 +188,33 @@ class VLLMEngine(ModelDirEngine):
         return params
 
     async def score(self, job: ScoreJob) -> TopkFrame:
-        """One vLLM request per sequence, all in flight together; any failure fails the whole job."""
+        """One vLLM request per sequence with spans (cut after its last span), all in flight together; any
+        failure fails the whole job."""
         if self._engine is None:
             raise RuntimeError("vLLM engine not started")
         engine = self._engine
         params = self._sampling_params(job.top_k)
         prefix = f"{self._id_prefix}-{next(self._job_ids)}"
+        scored = [b for b, spans in enumerate(job.row_spans) if spans]
         tasks = [
-            asyncio.ensure_future(self._prompt_logprobs(engine, f"{prefix}-{b}", seq, params))
-            for b, seq in enumerate(job.sequences)
+            asyncio.ensure_future(
+                self._prompt_logprobs(
+                    engine, f"{prefix}-{b}", prompt_for_spans(job.sequences[b], job.row_spans[b]), params
+                )
+            )
+            for b in scored
         ]
         try:
-            results = await asyncio.gather(*tasks)
+            answers = await asyncio.gather(*tasks)
         except BaseException:
             # Abort the siblings (cancelling generate() aborts the vLLM request) before re-raising.
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             raise
+        results: list[Any | None] = [None] * len(job.sequences)
+        for b, answer in zip(scored, answers, strict=True):
+            results[b] = answer
         # Off the event loop: list-to-array conversion of large batches takes a while.
         return await asyncio.to_thread(frame_from_prompt_logprobs, results, job)
 

@@ -5,7 +5,17 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from demo.tiny import TinyAssets
-from shared.alignment import next_token_labels, padded_positions, row_offsets, vllm_entry_for_row
+from shared.alignment import (
+    as_row_spans,
+    first_rows_of_spans,
+    next_token_labels,
+    padded_positions,
+    row_offsets,
+    span_row_offsets,
+    spans_from_first_rows,
+    tokens_for_spans,
+    vllm_entry_for_row,
+)
 from teacher_service.engines.base import ScoreJob
 from teacher_service.engines.hf import HFEngine
 
@@ -27,7 +37,9 @@ def teacher(tiny_assets: TinyAssets) -> torch.nn.Module:
 def frame(tiny_assets: TinyAssets):
     engine = HFEngine(tiny_assets.teacher, dtype="float32")
     engine.load()
-    return engine.score_sync(ScoreJob(SEQS, FIRSTS, top_k=8, want_target_logprobs=True, want_tail_logmass=True))
+    return engine.score_sync(
+        ScoreJob.from_first_rows(SEQS, FIRSTS, top_k=8, want_target_logprobs=True, want_tail_logmass=True)
+    )
 
 
 def test_positions_by_hand() -> None:
@@ -82,3 +94,17 @@ def test_student_rows_line_up_with_teacher_rows(frame, teacher, padding: str) ->
     labels = next_token_labels(ids, b_idx, t_idx)
     expected = [s[j + 1] for s, f in zip(SEQS, FIRSTS, strict=True) for j in range(f, len(s) - 1)]
     assert labels.tolist() == expected
+
+
+def test_span_helpers() -> None:
+    lens = [10, 4, 3]
+    spans = [[(1, 3), (5, 8)], [], [(0, 2)]]
+    assert first_rows_of_spans(lens, spans) == [1, 3, 0]
+    assert spans_from_first_rows(lens, first_rows_of_spans(lens, spans_from_first_rows(lens, [2, 3, 0]))) == [
+        [(2, 9)],
+        [],
+        [(0, 2)],
+    ]
+    assert [tokens_for_spans(s) for s in spans] == [9, 0, 3]
+    assert span_row_offsets(spans).tolist() == [0, 5, 5, 7]
+    assert as_row_spans([[[1, 3]], [], [(torch.tensor(0), 2)]]) == [[(1, 3)], [], [(0, 2)]]

@@ -27,7 +27,7 @@ def _check_against_engine(choices: list, engine: HFEngine, k: int) -> None:
         assert len(plp) == len(prompt) and plp[0] is None
         if len(prompt) < 2:
             continue
-        direct = engine.score_sync(ScoreJob([prompt], [0], k, want_target_logprobs=True))
+        direct = engine.score_sync(ScoreJob.from_first_rows([prompt], [0], k, want_target_logprobs=True))
         for j, entry in enumerate(plp[1:]):
             actual = prompt[j + 1]
             keys = list(entry)
@@ -99,7 +99,7 @@ def test_prompt_logprobs_zero_gives_the_actual_token_only(teacher_server: Teache
     prompt = PROMPTS[0]
     body = httpx.post(f"{teacher_server.url}/v1/completions", json={"prompt": prompt, "prompt_logprobs": 0}).json()
     plp = body["choices"][0]["prompt_logprobs"]
-    direct = engine.score_sync(ScoreJob([prompt], [0], 1, want_target_logprobs=True))
+    direct = engine.score_sync(ScoreJob.from_first_rows([prompt], [0], 1, want_target_logprobs=True))
     assert plp[0] is None and len(plp) == len(prompt)
     for j, entry in enumerate(plp[1:]):
         assert list(entry) == [str(prompt[j + 1])]

@@ -128,6 +128,8 @@ def test_micro_batching_merges_concurrent_requests_and_routes_results(tiny_asset
         torch.randint(0, 500, (int(n),), generator=gen).tolist() for n in torch.randint(3, 40, (16,), generator=gen)
     ]
     ks = [2 + i % 5 for i in range(16)]
+    # every third caller asks for two turns (row spans) instead of rows 1..: batch-mates may ask either way
+    spans = [[(0, 1), (2, len(s) - 1)] if i % 3 == 0 and len(s) > 3 else [(1, len(s) - 1)] for i, s in enumerate(seqs)]
     with serve_in_thread(app) as url:
         _wait_ready(url, timeout=60)
 
@@ -137,7 +139,12 @@ def test_micro_batching_merges_concurrent_requests_and_routes_results(tiny_asset
                 return await asyncio.gather(
                     *[
                         client.topk_logprobs(
-                            [s], k, first_rows=[1], logprobs_dtype="float32", return_tail_logmass=bool(i % 2)
+                            [s],
+                            k,
+                            first_rows=None if i % 3 == 0 else [1],
+                            row_spans=[spans[i]] if i % 3 == 0 else None,
+                            logprobs_dtype="float32",
+                            return_tail_logmass=bool(i % 2),
                         )
                         for i, (s, k) in enumerate(zip(seqs, ks, strict=True))
                     ]
@@ -150,7 +157,8 @@ def test_micro_batching_merges_concurrent_requests_and_routes_results(tiny_asset
     )
     assert engine_calls < 16  # some requests shared a forward pass
     for i, (s, k, frame) in enumerate(zip(seqs, ks, frames, strict=True)):
-        direct = engine.score_sync(ScoreJob([s], [1], k, want_tail_logmass=bool(i % 2)))
+        direct = engine.score_sync(ScoreJob([s], [spans[i]], k, want_tail_logmass=bool(i % 2)))
+        assert frame.spans() == [spans[i]] and frame.has_spans == (i % 3 == 0)  # first_rows callers: format 1
         assert torch.equal(frame.token_ids, direct.token_ids)
         torch.testing.assert_close(frame.logprobs, direct.logprobs, atol=1e-5, rtol=0)
         assert (frame.tail_logmass is not None) == bool(i % 2)

@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
 
 import httpx
 import pytest
 import torch
 
 from demo.tiny import TinyAssets
-from shared.protocol import TOPK_MEDIA_TYPE
+from shared.codec import TopkFrame, decode_frame, encode_frame
+from shared.protocol import TOPK_MEDIA_TYPE, RequestLimits, TeacherInfo
 from student_trainer.teacher import TeacherClient
 from student_trainer.teacher.errors import (
     TeacherMismatchError,
+    TeacherProtocolError,
     TeacherRequestError,
     TeacherUnavailableError,
 )
@@ -21,6 +27,19 @@ from teacher_service.engines.hf import HFEngine
 from teacher_service.process import TeacherProcess, free_port
 
 SEQS = [[5, 9, 14, 3, 8, 2], [7, 2, 11, 40], [30, 31]]
+
+
+def _old_reader() -> ModuleType:
+    """tests/shared/frame_v1.py: the format 1 reader old clients run (one copy, imported by name in tests/shared)."""
+    if "frame_v1" not in sys.modules:  # registered before it runs: its dataclasses look their module up
+        spec = importlib.util.spec_from_file_location("frame_v1", Path(__file__).parents[1] / "shared" / "frame_v1.py")
+        assert spec is not None and spec.loader is not None
+        sys.modules["frame_v1"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules["frame_v1"])
+    return sys.modules["frame_v1"]
+
+
+frame_v1 = _old_reader()
 
 
 def run(coro):
@@ -57,7 +76,7 @@ def test_client_rows_equal_engine_rows(teacher_server: TeacherProcess, engine: H
             )
 
     frame = run(go())
-    direct = engine.score_sync(ScoreJob(SEQS, [2, 0, 0], 8, True, True))
+    direct = engine.score_sync(ScoreJob.from_first_rows(SEQS, [2, 0, 0], 8, True, True))
     assert frame.row_offsets.tolist() == [0, 3, 6, 7]
     assert torch.equal(frame.token_ids, direct.token_ids)
     torch.testing.assert_close(frame.logprobs, direct.logprobs)
@@ -71,8 +90,6 @@ def test_json_answer_matches_binary(teacher_server: TeacherProcess) -> None:
     assert js.status_code == 200 and js.headers["content-type"] == "application/json"
     binary = httpx.post(f"{teacher_server.url}/v1/topk_logprobs", json=body)
     assert binary.headers["content-type"] == TOPK_MEDIA_TYPE
-    from shared.codec import decode_frame
-
     frame = decode_frame(binary.content)
     seqs = js.json()["sequences"]
     assert [len(s["token_ids"]) for s in seqs] == [5, 3, 1]
@@ -139,6 +156,12 @@ def test_handshake_refuses_other_tokenizer(teacher_server: TeacherProcess, engin
         ({"sequences": [[1, 2]], "top_k": 33}, 400, "top_k"),
         ({"sequences": [[1, 2, 3]], "top_k": 2, "first_rows": [2]}, 400, "first_rows"),
         ({"sequences": [[1, 2, 3]], "top_k": 2, "first_rows": [0, 0]}, 400, "first_rows"),
+        ({"sequences": [[1, 2, 3]], "top_k": 2, "row_spans": [[[0, 3]]]}, 400, "row_spans"),
+        ({"sequences": [[1, 2, 3]], "top_k": 2, "row_spans": [[[1, 2], [0, 1]]]}, 400, "row_spans"),
+        ({"sequences": [[1, 2, 3]], "top_k": 2, "row_spans": [[], []]}, 400, "row_spans"),
+        ({"sequences": [[1, 2, 3]], "top_k": 2, "row_spans": [[[0, 1]]], "first_rows": [0]}, 400, "row_spans"),
+        ({"sequences": [[1, 2, 3]], "top_k": 2, "row_spans": [[[0, "x"]]]}, 400, "row_spans[0][0][1]"),
+        ({"sequences": [[1, 2, 3]], "top_k": 2, "row_spans": [[0, 1]]}, 400, "row_spans[0][0]"),
         ({"sequences": [[1, 2]], "top_k": 2, "model": "other"}, 404, "model"),
         ({"sequences": [[1, 2]], "top_k": 2, "surprise": 1}, 400, "surprise"),
         ({"sequences": [[1, 2]] * 65, "top_k": 2}, 413, "sequences"),
@@ -210,3 +233,146 @@ def test_client_retries_transient_statuses_then_gives_up() -> None:
     with pytest.raises(TeacherUnavailableError, match="busy"):
         run(go())
     assert len(seen) == 3
+
+
+# --- row spans: only the rows of the loss (one span per assistant turn) on the wire
+
+TURNS = [
+    [5, 9, 14, 3, 8, 2, 40, 41, 42, 43, 19, 20, 7],
+    [7, 2, 11, 40, 6, 6, 30],
+    [30, 31, 32, 33],  # no span: no rows
+    [4, 8, 15, 16, 23, 42, 99, 100, 101, 7, 3],
+]
+TURN_SPANS = [[(2, 4), (6, 9), (11, 12)], [(0, 1), (3, 6)], [], [(9, 10)]]
+EQUAL_LENGTHS = [s[:7] for s in (TURNS[0], TURNS[1], TURNS[3], TURNS[0][5:])]  # one length: no padding
+EQUAL_SPANS = [[(1, 3), (4, 6)], [], [(0, 6)], [(5, 6)]]
+
+
+def _slice_rows(full: TopkFrame, spans: list[list[tuple[int, int]]]) -> torch.Tensor:
+    """Indices into a full frame (first_rows 0) of the rows ``spans`` names, in frame order."""
+    return torch.cat(
+        [
+            torch.arange(int(full.row_offsets[b]) + s, int(full.row_offsets[b]) + e)
+            for b, sp in enumerate(spans)
+            for s, e in sp
+        ]
+    )
+
+
+@pytest.mark.parametrize("seqs,spans", [(TURNS, TURN_SPANS), (EQUAL_LENGTHS, EQUAL_SPANS)], ids=["mixed", "equal"])
+def test_span_rows_equal_the_same_rows_of_a_full_request(
+    teacher_server: TeacherProcess, seqs: list[list[int]], spans: list[list[tuple[int, int]]]
+) -> None:
+    """Binary and JSON answers to a multi-span request hold exactly the full request's rows at the spans."""
+    url = f"{teacher_server.url}/v1/topk_logprobs"
+    base = {"sequences": seqs, "top_k": 6, "logprobs_dtype": "float32", "return_target_logprobs": True}
+    body = {**base, "row_spans": [[list(span) for span in sp] for sp in spans], "return_tail_logmass": True}
+    full = decode_frame(httpx.post(url, json={**base, "return_tail_logmass": True}).content)
+    resp = httpx.post(url, json=body)
+    assert resp.status_code == 200, resp.text
+    frame = decode_frame(resp.content)
+    assert frame.metadata["format_version"] == "2" and frame.spans() == spans
+    assert frame.first_rows.tolist() == [sp[0][0] if sp else len(s) - 1 for s, sp in zip(seqs, spans, strict=True)]
+    idx = _slice_rows(full, spans)
+    assert frame.row_offsets[-1] == len(idx) < full.row_offsets[-1]
+    assert torch.equal(frame.token_ids, full.token_ids[idx])
+    for name in ("logprobs", "target_logprobs", "tail_logmass"):
+        torch.testing.assert_close(getattr(frame, name), getattr(full, name)[idx], atol=1e-5, rtol=0)
+
+    js = httpx.post(url, json=body, headers={"accept": "application/json"}).json()
+    assert js["format_version"] == 2
+    assert [s["row_spans"] for s in js["sequences"]] == [[list(span) for span in sp] for sp in spans]
+    assert [s["first_row"] for s in js["sequences"]] == frame.first_rows.tolist()
+    assert [len(s["token_ids"]) for s in js["sequences"]] == (frame.row_offsets[1:] - frame.row_offsets[:-1]).tolist()
+    assert torch.equal(
+        torch.tensor([r for s in js["sequences"] for r in s["token_ids"]], dtype=torch.int32), frame.token_ids
+    )
+    torch.testing.assert_close(torch.tensor([r for s in js["sequences"] for r in s["logprobs"]]), frame.logprobs)
+
+
+def test_old_client_reads_a_new_teachers_answer_without_spans(teacher_server: TeacherProcess) -> None:
+    """A request without row_spans is answered as before spans existed: the format 1 reader released before
+    them (tests/shared/frame_v1.py) decodes it, and the JSON form is unchanged."""
+    url = f"{teacher_server.url}/v1/topk_logprobs"
+    body = {"sequences": SEQS, "top_k": 4, "first_rows": [2, 0, 0], "return_tail_logmass": True}
+    resp = httpx.post(url, json=body)
+    old = frame_v1.decode_frame(resp.content)
+    new = decode_frame(resp.content)
+    assert old.metadata["format_version"] == "1" and not new.has_spans
+    assert old.row_offsets.tolist() == [0, 3, 6, 7] and old.first_rows.tolist() == [2, 0, 0]
+    for name in ("token_ids", "logprobs", "row_offsets", "first_rows", "tail_logmass"):
+        assert torch.equal(getattr(old, name), getattr(new, name)), name
+    js = httpx.post(url, json=body, headers={"accept": "application/json"}).json()
+    assert js["format_version"] == 1 and all("row_spans" not in s for s in js["sequences"])
+    # the same rows asked for by spans come back as format 2, which the old reader refuses by its version
+    spans = {**body, "first_rows": None, "row_spans": [[[2, 5]], [[0, 3]], [[0, 1]]]}
+    resp = httpx.post(url, json=spans)
+    with pytest.raises(frame_v1.FrameError, match="format_version '2'"):
+        frame_v1.decode_frame(resp.content)
+    assert torch.equal(decode_frame(resp.content).token_ids, new.token_ids)
+
+
+def test_client_sends_spans_and_checks_them(teacher_server: TeacherProcess, engine: HFEngine) -> None:
+    async def go():
+        async with TeacherClient(teacher_server.url) as client:
+            return await client.topk_logprobs(
+                TURNS, 8, row_spans=TURN_SPANS, logprobs_dtype="float32", return_target_logprobs=True
+            )
+
+    frame = run(go())
+    direct = engine.score_sync(ScoreJob(TURNS, TURN_SPANS, 8, want_target_logprobs=True))
+    assert frame.spans() == TURN_SPANS == direct.spans()
+    assert frame.row_offsets.tolist() == [0, 6, 10, 10, 11]
+    assert torch.equal(frame.token_ids, direct.token_ids)
+    torch.testing.assert_close(frame.logprobs, direct.logprobs)
+    torch.testing.assert_close(frame.target_logprobs, direct.target_logprobs)
+
+
+def test_rows_metric_counts_rows_sent(teacher_server: TeacherProcess) -> None:
+    def rows_total() -> float:
+        text = httpx.get(f"{teacher_server.url}/metrics").text
+        return float(next(line.split()[-1] for line in text.splitlines() if line.startswith("gkd_teacher_rows_total")))
+
+    before = rows_total()
+    body = {"sequences": TURNS, "top_k": 2, "row_spans": [[list(span) for span in sp] for sp in TURN_SPANS]}
+    assert httpx.post(f"{teacher_server.url}/v1/topk_logprobs", json=body).status_code == 200
+    assert rows_total() - before == 11
+
+
+def _mock_teacher(answer: TopkFrame, format_version: int = 2) -> httpx.MockTransport:
+    info = TeacherInfo(
+        model="m",
+        vocab_size=1000,
+        tokenizer_fingerprint="f",
+        max_top_k=8,
+        limits=RequestLimits(max_top_k=8, max_sequences=8, max_tokens=999, max_body_bytes=9999),
+        engine="mock",
+        format_version=format_version,
+    )
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/info":
+            return httpx.Response(200, content=info.model_dump_json())
+        return httpx.Response(200, content=encode_frame(answer), headers={"content-type": TOPK_MEDIA_TYPE})
+
+    return httpx.MockTransport(handler)
+
+
+def test_client_refuses_answers_with_other_spans_and_old_teachers() -> None:
+    seqs, spans = [[1, 2, 3, 4, 5, 6]], [[(0, 1), (3, 5)]]
+    ids, lps = torch.zeros(3, 2, dtype=torch.int32), torch.full((3, 2), -1.0)
+
+    async def ask(answer: TopkFrame, format_version: int = 2) -> TopkFrame:
+        async with TeacherClient("http://t", transport=_mock_teacher(answer, format_version)) as client:
+            return await client.topk_logprobs(seqs, 2, row_spans=spans)
+
+    good = TopkFrame.from_spans(ids, lps, spans, [6], metadata={"model": "m"})
+    assert run(ask(good)).spans() == spans
+    shifted = TopkFrame.from_spans(ids, lps, [[(0, 1), (2, 4)]], [6], metadata={"model": "m"})
+    with pytest.raises(TeacherProtocolError, match=r"rows \[\(0, 1\), \(2, 4\)\] of sequence 0"):
+        run(ask(shifted))
+    block = TopkFrame(ids, lps, torch.tensor([0, 3]), torch.tensor([0]), metadata={"model": "m"})  # rows 0..2
+    with pytest.raises(TeacherProtocolError, match="carries no spans"):
+        run(ask(block))
+    with pytest.raises(TeacherMismatchError, match="frame format 1, which has no row spans"):
+        run(ask(good, format_version=1))

@@ -19,7 +19,7 @@ from teacher_service.app import build_engine
 from teacher_service.cli import parse_config
 from teacher_service.engines.base import ScoreJob
 from teacher_service.engines.hf import topk_rows
-from teacher_service.engines.vllm import VLLMEngine, frame_from_prompt_logprobs
+from teacher_service.engines.vllm import VLLMEngine, frame_from_prompt_logprobs, prompt_for_spans
 
 VOCAB = 50
 K = 5
@@ -67,7 +67,7 @@ def test_frame_matches_topk_of_the_same_logits(batch, form: str) -> None:
     seqs, logits = batch
     first_rows = [0, 2, 7]
     outs = [vllm_like(lg, s, K)[0 if form == "flat" else 1] for lg, s in zip(logits, seqs, strict=True)]
-    job = ScoreJob(seqs, first_rows, K, want_target_logprobs=True, want_tail_logmass=True)
+    job = ScoreJob.from_first_rows(seqs, first_rows, K, want_target_logprobs=True, want_tail_logmass=True)
     frame = frame_from_prompt_logprobs(outs, job)
     frame.validate()
 
@@ -91,7 +91,7 @@ def test_frame_matches_topk_of_the_same_logits(batch, form: str) -> None:
 def test_extras_only_when_asked(batch) -> None:
     seqs, logits = batch
     outs = [vllm_like(lg, s, K)[0] for lg, s in zip(logits, seqs, strict=True)]
-    frame = frame_from_prompt_logprobs(outs, ScoreJob(seqs, [0, 0, 0], K))
+    frame = frame_from_prompt_logprobs(outs, ScoreJob.from_first_rows(seqs, [0, 0, 0], K))
     assert frame.target_logprobs is None and frame.tail_logmass is None
     assert frame.token_ids.shape == (1 + 5 + 10, K)
 
@@ -111,6 +111,39 @@ def test_flat_and_dict_forms_agree_row_for_row(batch) -> None:
     assert next(iter(entry)) == seqs[2][j + 1]
 
 
+@pytest.mark.parametrize("form", ["flat", "dict"])
+def test_span_rows_are_cut_from_prompts_sent_up_to_their_last_span(batch, form: str) -> None:
+    """vLLM scores whole prompts: each is sent up to its last span's last label (none without spans), rows are
+    read from its first span and the span rows cut out; they equal top-k of the same logits at the spans."""
+    seqs, logits = batch
+    spans = [[], [(1, 2), (3, 4)], [(0, 1), (4, 6), (8, 9)]]
+    job = ScoreJob(seqs, spans, K, want_target_logprobs=True, want_tail_logmass=True)
+    sent = [prompt_for_spans(s, sp) for s, sp in zip(seqs, spans, strict=True)]
+    assert [len(p) for p in sent] == [0, 5, 10]  # the last rows of sequence 1 and 2 need no more tokens
+    outs = [
+        vllm_like(lg[: len(p) - 1], p, K)[0 if form == "flat" else 1] if p else None
+        for lg, p in zip(logits, sent, strict=True)
+    ]
+    frame = frame_from_prompt_logprobs(outs, job)
+    frame.validate()
+    assert frame.spans() == spans and frame.first_rows.tolist() == [1, 1, 0]
+    assert frame.row_offsets.tolist() == [0, 0, 2, 6]
+
+    rows = torch.cat([lg[s:e] for lg, sp in zip(logits, spans, strict=True) for s, e in sp])
+    targets = torch.tensor(
+        [seq[j + 1] for seq, sp in zip(seqs, spans, strict=True) for s, e in sp for j in range(s, e)]
+    )
+    ref = topk_rows(rows, K, targets, want_tail=True)
+    assert torch.equal(frame.token_ids, ref.ids) and torch.equal(frame.target_ranks, ref.target_ranks)
+    torch.testing.assert_close(frame.logprobs, ref.logprobs, atol=1e-5, rtol=0)
+    torch.testing.assert_close(frame.target_logprobs, ref.target_logprobs, atol=1e-5, rtol=0)
+    torch.testing.assert_close(frame.tail_logmass.exp(), ref.tail_logmass.exp(), atol=1e-6, rtol=0)
+    with pytest.raises(PromptLogprobsError, match="sequence 1, which has row spans"):
+        frame_from_prompt_logprobs([None, None, outs[2]], job)
+    nothing = frame_from_prompt_logprobs([None] * 3, ScoreJob(seqs, [[], [], []], K, want_target_logprobs=True))
+    assert nothing.token_ids.shape == (0, K) and nothing.target_logprobs.shape == (0,) and nothing.spans() == [[]] * 3
+
+
 def test_unexpected_layouts_raise_never_fill(batch) -> None:
     seqs, logits = batch
     flat, dicts = vllm_like(logits[1], seqs[1], K)
@@ -126,7 +159,7 @@ def test_unexpected_layouts_raise_never_fill(batch) -> None:
     with pytest.raises(PromptLogprobsError, match="entries for top_k"):
         rows_from_dicts(dicts, seqs[1], 0, K + 2)
     with pytest.raises(PromptLogprobsError, match="results for"):
-        frame_from_prompt_logprobs([flat], ScoreJob(seqs[:2], [0, 0], K))
+        frame_from_prompt_logprobs([flat], ScoreJob.from_first_rows(seqs[:2], [0, 0], K))
 
 
 def test_vllm_flags_reach_the_engine(tiny_assets: TinyAssets) -> None:

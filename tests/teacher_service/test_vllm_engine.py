@@ -69,6 +69,18 @@ def batch(tiny_assets: TinyAssets) -> tuple[list[list[int]], list[int]]:
     return seqs, firsts
 
 
+def two_turns(seqs: list[list[int]], firsts: list[int]) -> list[list[tuple[int, int]]]:
+    """Two row spans per sequence inside its completion rows, with rows between and after them left out
+    (so vLLM is sent a cut prompt), or none where the rows are too few."""
+    out = []
+    for seq, first in zip(seqs, firsts, strict=True):
+        last, third = len(seq) - 2, (len(seq) - 1 - first) // 3
+        out.append(
+            [(first, first + third), (first + 2 * third, last)] if third >= 1 and last > first + 2 * third else []
+        )
+    return out
+
+
 @pytest.fixture(scope="module")
 def hf(tiny_assets: TinyAssets) -> HFEngine:
     engine = HFEngine(tiny_assets.teacher, dtype="float32")
@@ -79,9 +91,10 @@ def hf(tiny_assets: TinyAssets) -> HFEngine:
 def assert_matches_transformers(got: TopkFrame, job: ScoreJob, hf: HFEngine) -> None:
     """``got`` equals the transformers engine's frame for ``job`` within ATOL, ids up to ties."""
     ref = hf.score_sync(job)
-    full = hf.score_sync(ScoreJob(job.sequences, job.first_rows, top_k=hf.vocab_size))
+    full = hf.score_sync(ScoreJob(job.sequences, job.row_spans, top_k=hf.vocab_size))
     dist = torch.empty(full.token_ids.shape).scatter_(1, full.token_ids.long(), full.logprobs)
     assert torch.equal(got.row_offsets, ref.row_offsets) and torch.equal(got.first_rows, ref.first_rows)
+    assert got.spans() == ref.spans() == job.row_spans
     assert got.token_ids.shape == ref.token_ids.shape and got.logprobs.dtype == torch.float32
     d_values = (got.logprobs - ref.logprobs).abs().max().item()
     d_at_ids = (dist.gather(1, got.token_ids.long()) - got.logprobs).abs().max().item()
@@ -145,19 +158,32 @@ class TestEngine:
         self, engine: VLLMEngine, hf: HFEngine, loop: asyncio.AbstractEventLoop, batch
     ) -> None:
         seqs, firsts = batch
-        job = ScoreJob(seqs, firsts, TOP_K, want_target_logprobs=True, want_tail_logmass=True)
+        job = ScoreJob.from_first_rows(seqs, firsts, TOP_K, want_target_logprobs=True, want_tail_logmass=True)
         frame = loop.run_until_complete(engine.score(job))
         frame.validate()
         assert frame.num_sequences == len(seqs)
+        assert_matches_transformers(frame, job, hf)
+
+    def test_row_spans_match_transformers(
+        self, engine: VLLMEngine, hf: HFEngine, loop: asyncio.AbstractEventLoop, batch
+    ) -> None:
+        """Prompts cut after their last span, sequences without spans not sent: the span rows still match."""
+        seqs, firsts = batch
+        spans = two_turns(seqs, firsts)
+        assert [] in spans and any(len(s) == 2 for s in spans)
+        job = ScoreJob(seqs, spans, TOP_K, want_target_logprobs=True, want_tail_logmass=True)
+        frame = loop.run_until_complete(engine.score(job))
+        frame.validate()
+        assert frame.has_spans
         assert_matches_transformers(frame, job, hf)
 
     def test_concurrent_jobs(self, engine: VLLMEngine, hf: HFEngine, loop: asyncio.AbstractEventLoop, batch) -> None:
         """Jobs in flight together (as concurrent HTTP requests are) each get their own rows."""
         seqs, firsts = batch
         jobs = [
-            ScoreJob(seqs[::2], firsts[::2], 4, want_target_logprobs=True),
-            ScoreJob(seqs[1::2], firsts[1::2], MAX_TOP_K, want_tail_logmass=True),
-            ScoreJob(seqs, [0] * len(seqs), 1),
+            ScoreJob.from_first_rows(seqs[::2], firsts[::2], 4, want_target_logprobs=True),
+            ScoreJob.from_first_rows(seqs[1::2], firsts[1::2], MAX_TOP_K, want_tail_logmass=True),
+            ScoreJob.from_first_rows(seqs, [0] * len(seqs), 1),
         ]
 
         async def together() -> list[TopkFrame]:
@@ -173,10 +199,12 @@ class TestEngine:
 
         good = [[5, 6, 7, 8], [9, 10, 11]]
         with pytest.raises(VLLMValidationError, match="greater than max allowed"):
-            loop.run_until_complete(engine.score(ScoreJob(good, [0, 0], MAX_TOP_K + 1)))
+            loop.run_until_complete(engine.score(ScoreJob.from_first_rows(good, [0, 0], MAX_TOP_K + 1)))
         with pytest.raises(VLLMValidationError, match="maximum model length"):
-            loop.run_until_complete(engine.score(ScoreJob([*good, list(range(MAX_MODEL_LEN))], [0, 0, 0], 2)))
-        job = ScoreJob(good, [0, 1], 3)
+            loop.run_until_complete(
+                engine.score(ScoreJob.from_first_rows([*good, list(range(MAX_MODEL_LEN))], [0, 0, 0], 2))
+            )
+        job = ScoreJob.from_first_rows(good, [0, 1], 3)
         assert_matches_transformers(loop.run_until_complete(engine.score(job)), job, hf)
 
 
@@ -223,11 +251,19 @@ def test_http_service_with_vllm_engine(tiny_assets: TinyAssets, hf: HFEngine, ba
         assert resp.headers["content-type"] == TOPK_MEDIA_TYPE
         frame = decode_frame(resp.content)
         assert frame.metadata["model"] == "teacher"
-        assert_matches_transformers(frame, ScoreJob(seqs, firsts, TOP_K, True, True), hf)
+        assert_matches_transformers(frame, ScoreJob.from_first_rows(seqs, firsts, TOP_K, True, True), hf)
 
         js = httpx.post(f"{teacher.url}/v1/topk_logprobs", json=body, headers={"accept": "application/json"})
         assert js.status_code == 200
         assert [s["first_row"] for s in js.json()["sequences"]] == firsts
+
+        spans = two_turns(seqs, firsts)
+        by_spans = {**body, "first_rows": None, "row_spans": [[list(sp) for sp in s] for s in spans]}
+        resp = httpx.post(f"{teacher.url}/v1/topk_logprobs", json=by_spans, timeout=120)
+        assert resp.status_code == 200, resp.text
+        frame = decode_frame(resp.content)
+        assert frame.metadata["format_version"] == "2"
+        assert_matches_transformers(frame, ScoreJob(seqs, spans, TOP_K, True, True), hf)
 
         too_long = httpx.post(f"{teacher.url}/v1/topk_logprobs", json={"sequences": [[1] * MAX_MODEL_LEN], "top_k": 2})
         assert too_long.status_code == 400 and too_long.json()["error"]["param"] == "sequences[0]"

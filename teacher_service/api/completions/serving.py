@@ -100,7 +100,7 @@ class CompletionServing(ServingBase):
         frame = None
         if k is not None and scored:
             # k = 0 still scores: each position then carries the actual token's log-prob and rank alone
-            job = ScoreJob(
+            job = ScoreJob.from_first_rows(
                 sequences=[prompts[i] for i in scored],
                 first_rows=[0] * len(scored),
                 top_k=max(k, 1),
