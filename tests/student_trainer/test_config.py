@@ -145,7 +145,7 @@ def test_the_config_checks_itself_when_built_in_code(tmp_path: Path) -> None:
     """The same checks guard a TrainerConfig built in Python (a notebook, a launcher) as on the command line."""
     required = {
         "model_name_or_path": "m",
-        "train_file": "t.jsonl",
+        "dataset": "t.jsonl",
         "output_dir": str(tmp_path),
         "max_steps": 5,
         "deepspeed_config": "ds.json",
