@@ -77,7 +77,9 @@ def main() -> None:
             b = next(it)
             t0 = time.perf_counter()
             frames.append(
-                pre.run(pre.client.topk_logprobs(b.sequences, args.top_k, b.first_rows, return_tail_logmass=True))
+                pre.run(
+                    pre.client.topk_logprobs(b.sequences, args.top_k, row_spans=b.row_spans, return_tail_logmass=True)
+                )
             )
             if i >= warm:
                 teacher_times.append(time.perf_counter() - t0)
