@@ -76,7 +76,9 @@ def encode_rows(rows: Any, tokenizer: Any, spec: DataSpec, num_proc: int | None 
     columns = rows.column_names or list(next(iter(rows)).keys())  # a JSON stream knows its columns once read
     fmt = detect_format([c for c in columns if c != ROW_INDEX], spec.format)
     kwargs: dict[str, Any] = {"fn_kwargs": {"fmt": fmt, "tokenizer": tokenizer, "spec": spec}}
-    if not hasattr(rows, "to_iterable_dataset"):  # a map-style Dataset: cached, parallel, with a progress bar
+    import datasets
+
+    if isinstance(rows, datasets.Dataset):  # map-style: cached, in parallel, with a progress bar
         kwargs.update(num_proc=num_proc, desc=f"encoding {fmt} rows")
     return rows.map(_encode_row, with_indices=True, remove_columns=columns, **kwargs)
 
