@@ -53,8 +53,8 @@ def main() -> None:
 
     assets = build_assets(args.cache)
     args.out.mkdir(parents=True, exist_ok=True)
-    logger.info("evaluating teacher and untrained student on %s", assets.eval_file)
-    before, teacher_res = held_out(assets.student, assets.teacher, assets.eval_file, args.top_k)
+    logger.info("evaluating teacher and untrained student on %s", assets.chat_eval_file)
+    before, teacher_res = held_out(assets.student, assets.teacher, assets.chat_eval_file, args.top_k)
 
     train_dir = args.out / "train"
     shutil.rmtree(train_dir, ignore_errors=True)
@@ -63,13 +63,14 @@ def main() -> None:
             assets, train_dir, "--teacher_url", teacher.url, "--max_steps", str(args.steps),
             "--top_k", str(args.top_k), "--beta", "0.0", "--tail", args.tail,
             "--deepspeed", str(args.deepspeed), "--logging_steps", "25", ranks=args.num_gpus,
+            dataset=assets.chat_train_file,
         )  # fmt: skip
         logger.info("launching: %s", " ".join(cmd))
         t_train = time.perf_counter()
         subprocess.run(cmd, check=True)
         train_s = time.perf_counter() - t_train
 
-    after, _ = held_out(train_dir / "final", assets.teacher, assets.eval_file, args.top_k)
+    after, _ = held_out(train_dir / "final", assets.teacher, assets.chat_eval_file, args.top_k)
     summary = {
         "teacher_ce": teacher_res.ce,
         "student_ce_before": before.ce,
@@ -85,7 +86,7 @@ def main() -> None:
         "wall_s": time.perf_counter() - started,
     }
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"\n{'held-out (completion tokens)':<30}{'before':>10}{'after':>10}")
+    print(f"\n{'held-out (assistant tokens)':<30}{'before':>10}{'after':>10}")
     print(f"{'student cross-entropy':<30}{before.ce:>10.3f}{after.ce:>10.3f}")
     print(f"{'KL(teacher||student), top-k':<30}{before.kl:>10.3f}{after.kl:>10.3f}")
     print(f"{'teacher cross-entropy':<30}{teacher_res.ce:>10.3f}{teacher_res.ce:>10.3f}")

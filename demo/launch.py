@@ -11,8 +11,11 @@ from demo.tiny import TinyAssets
 from teacher_service.process import free_port
 
 
-def trainer_command(assets: TinyAssets, out: Path, *extra: str, ranks: int = 2) -> list[str]:
-    """`deepspeed --num_gpus N --master_port <free> --module student_trainer` on the tiny student and data."""
+def trainer_command(
+    assets: TinyAssets, out: Path, *extra: str, ranks: int = 2, dataset: Path | None = None
+) -> list[str]:
+    """`deepspeed --num_gpus N --master_port <free> --module student_trainer` on the tiny student and data
+    (the plain prompt/completion file unless ``dataset`` names another)."""
     search = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
     launcher = shutil.which("deepspeed", path=search)
     if launcher is None:
@@ -27,8 +30,8 @@ def trainer_command(assets: TinyAssets, out: Path, *extra: str, ranks: int = 2) 
         "student_trainer",
         "--model_name_or_path",
         str(assets.student),
-        "--train_file",
-        str(assets.train_file),
+        "--dataset",
+        str(dataset or assets.train_file),
         "--output_dir",
         str(out),
         *extra,

@@ -104,11 +104,10 @@ def serve_in_thread(app: FastAPI) -> Iterator[str]:
 
 
 def launch(
-    assets: TinyAssets, out: Path, *extra: str, ranks: int = 2, timeout: float = 600
+    assets: TinyAssets, out: Path, *extra: str, ranks: int = 2, timeout: float = 600, dataset: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        trainer_command(assets, out, *extra, ranks=ranks), capture_output=True, text=True, timeout=timeout, cwd=REPO
-    )
+    cmd = trainer_command(assets, out, *extra, ranks=ranks, dataset=dataset)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
