@@ -127,13 +127,10 @@ def vllm_entry_for_row(row: int) -> int:
 
 
 def row_offsets(seq_lens: Sequence[int], first_rows: Sequence[int]) -> torch.Tensor:
-    """Ragged offsets [B+1] of the rows ``first_rows[b] .. seq_lens[b]-2`` of each sequence."""
-    counts = [num_rows(n) - f for n, f in zip(seq_lens, first_rows, strict=True)]
-    if any(c < 0 for c in counts):
+    """Ragged offsets [B+1] of the rows ``first_rows[b] .. seq_lens[b]-2`` of each sequence (one span each)."""
+    if any(f > num_rows(n) for n, f in zip(seq_lens, first_rows, strict=True)):
         raise ValueError(f"first_rows {list(first_rows)} beyond the rows of lengths {list(seq_lens)}")
-    offsets = torch.zeros(len(counts) + 1, dtype=torch.int64)
-    offsets[1:] = torch.cumsum(torch.tensor(counts, dtype=torch.int64), 0)
-    return offsets
+    return span_row_offsets(spans_from_first_rows(seq_lens, first_rows))
 
 
 def pad_sequences(
@@ -157,24 +154,15 @@ def pad_sequences(
 def padded_positions(
     attention_mask: torch.Tensor, first_rows: Sequence[int] | torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(batch index, position index) in a padded ``[B, T]`` batch for every teacher row.
+    """(batch index, position index) in a padded ``[B, T]`` batch for every teacher row from ``first_rows[b]`` on.
 
-    Works for right and left padding alike: a sequence's real tokens are the
-    positions where ``attention_mask`` is 1 (assumed contiguous), so its row j sits at
-    padded position ``start + j`` where ``start`` is the index of its first real token.
-    The order matches the ragged frame (sequence by sequence, rows ascending), so
+    The one-span case of :func:`span_positions`: right and left padding alike (a sequence's real tokens
+    are where ``attention_mask`` is 1, assumed contiguous), in the ragged frame's order, so
     ``student_logits[b_idx, t_idx]`` is row-for-row aligned with the frame's rows.
     """
-    mask = attention_mask.bool()
-    lens = mask.sum(dim=1)
-    starts = mask.int().argmax(dim=1)
-    first = torch.as_tensor(first_rows, dtype=torch.int64)
-    counts = (lens - 1 - first).clamp_min(0)
-    b_idx = torch.repeat_interleave(torch.arange(mask.shape[0]), counts)
-    seq_offsets = torch.cumsum(counts, 0) - counts
-    within = torch.arange(int(counts.sum())) - torch.repeat_interleave(seq_offsets, counts)
-    t_idx = starts[b_idx] + first[b_idx] + within
-    return b_idx, t_idx
+    lens = attention_mask.bool().sum(dim=1).tolist()
+    firsts = torch.as_tensor(first_rows, dtype=torch.int64).tolist()
+    return span_positions(attention_mask, spans_from_first_rows(lens, firsts))
 
 
 def next_token_labels(input_ids: torch.Tensor, b_idx: torch.Tensor, t_idx: torch.Tensor) -> torch.Tensor:
