@@ -64,6 +64,8 @@ class TeacherEngine(abc.ABC):
     """True when the engine schedules concurrent requests itself (vLLM); else the service micro-batches."""
     model_dir: str | None = None
     """Where the weights come from (``root`` in /v1/models); None for an engine without a model directory."""
+    applies_temperature: bool = False
+    """True when ``score`` honours ``ScoreJob.temperature``; else jobs at T != 1 are refused before they reach it."""
 
     def __init__(self, served_model_name: str) -> None:
         self.served_model_name = served_model_name

@@ -45,6 +45,7 @@ class HFEngine(ModelDirEngine):
     """
 
     engine_name = "transformers"
+    applies_temperature = True
 
     def __init__(
         self,

@@ -192,6 +192,8 @@ class VLLMEngine(ModelDirEngine):
         failure fails the whole job."""
         if self._engine is None:
             raise RuntimeError("vLLM engine not started")
+        if job.temperature != 1.0:  # the service refuses these with a 400 first (applies_temperature is False)
+            raise ValueError(f"the vLLM engine scores at temperature 1 only, not {job.temperature}")
         engine = self._engine
         params = self._sampling_params(job.top_k)
         prefix = f"{self._id_prefix}-{next(self._job_ids)}"

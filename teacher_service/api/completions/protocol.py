@@ -16,6 +16,7 @@ class CompletionRequest(BaseModel):
     prompt_logprobs: int | None = Field(default=None, ge=-1)
     n: int = 1
     stream: bool = False
+    temperature: float | None = Field(default=None, ge=0, allow_inf_nan=False)
 
 
 class TokenizeRequest(BaseModel):

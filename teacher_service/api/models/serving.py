@@ -32,4 +32,5 @@ def teacher_info(engine: TeacherEngine, config: ServiceConfig) -> TeacherInfo:
             max_body_bytes=config.max_body_bytes,
         ),
         engine=engine.engine_name,
+        applies_temperature=engine.applies_temperature,
     )
