@@ -65,3 +65,10 @@ def _generated_tokens(url: str) -> float:
         if line.startswith("gkd_teacher_generated_tokens_total"):
             return float(line.split()[-1])
     raise AssertionError("no gkd_teacher_generated_tokens_total in /metrics")
+
+
+def test_generation_past_the_token_limit_is_413(teacher_server: TeacherProcess) -> None:
+    """Prompts plus n x max_tokens count against --max-tokens (4096 here), before any work."""
+    body = {"prompt": [RANDOM_PROMPT] * 10, "max_tokens": 200, "n": 3}
+    resp = httpx.post(f"{teacher_server.url}/v1/completions", json=body, timeout=60)
+    assert resp.status_code == 413 and resp.json()["error"]["param"] == "max_tokens", resp.text

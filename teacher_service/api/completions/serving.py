@@ -121,10 +121,8 @@ class CompletionServing(ServingBase):
                 )
         total = sum(len(p) for p in prompts) + sequences * max_tokens
         if total > self.config.max_tokens:
-            raise ServiceError(
-                413, f"prompts plus n x max_tokens make {total} tokens, over the limit of {self.config.max_tokens}",
-                "max_tokens",
-            )  # fmt: skip
+            message = f"prompts plus n x max_tokens make {total} tokens, over the limit of {self.config.max_tokens}"
+            raise ServiceError(413, message, "max_tokens")
         stops = req.stop_strings
         if any(not s for s in stops):
             raise ServiceError(400, "stop cannot contain an empty string", "stop")
