@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM
 from shared.alignment import RowSpan, pad_sequences, span_positions, tokens_for_spans
 from shared.codec import TopkFrame
 from teacher_service.engines.base import ModelDirEngine, ScoreJob
+from teacher_service.engines.generation import Completion, GenerateJob
 from teacher_service.engines.head import (
     LOGITS_CHUNK_BYTES,
     OutputHead,
@@ -29,6 +30,7 @@ from teacher_service.engines.head import (
     topk_from_blocks,
     topk_rows,
 )
+from teacher_service.engines.hf_generate import generate_sync
 
 __all__ = ["HFEngine", "RowTopk", "topk_rows"]
 
@@ -46,6 +48,7 @@ class HFEngine(ModelDirEngine):
 
     engine_name = "transformers"
     applies_temperature = True
+    can_generate = True
 
     def __init__(
         self,
@@ -161,3 +164,22 @@ class HFEngine(ModelDirEngine):
             job.temperature,
             chunk_rows(head.vocab_size, self.logits_chunk_bytes),
         )
+
+    # --- generation
+
+    async def generate(self, job: GenerateJob) -> list[list[Completion]]:
+        """Off the event loop, like scoring; a cancelled call stops the worker at its next token."""
+        cancel = threading.Event()
+        try:
+            return await asyncio.to_thread(self.generate_sync, job, cancel)
+        except asyncio.CancelledError:
+            cancel.set()
+            raise
+
+    def generate_sync(self, job: GenerateJob, cancel: threading.Event | None = None) -> list[list[Completion]]:
+        if self._model is None:
+            raise RuntimeError("engine not loaded")
+        with self._lock:
+            return generate_sync(
+                self._model, self.tokenizer, job, max_batch_tokens=self.max_batch_tokens, cancel=cancel
+            )
