@@ -195,3 +195,40 @@ def test_trainer_asks_for_its_loss_temperature(
         assert loss.shape == (batch.num_target_tokens,) and bool(torch.isfinite(loss).all())
     finally:
         teacher.close()
+
+
+def test_trainer_refuses_tail_at_temperature_from_a_teacher_at_temperature_1(
+    teacher_server: TeacherProcess, tiny_assets: TinyAssets, tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A teacher whose handshake says it computes temperature 1 only (the vLLM engine): --tail tail at
+    --temperature 0.5 is refused before step 1, --tail renorm gets raw rows the loss tempers."""
+    from transformers import AutoTokenizer
+
+    from student_trainer.config import TrainerConfig
+    from student_trainer.teacher import ServiceTeacher, open_teacher
+
+    real_info = TeacherClient.info
+
+    async def vllm_like(self: TeacherClient):
+        info = await real_info(self)
+        return info.model_copy(update={"applies_temperature": False, "engine": "vllm"})
+
+    monkeypatch.setattr(TeacherClient, "info", vllm_like)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_assets.tokenizer)
+    common = {
+        "model_name_or_path": "m",
+        "dataset": "t.jsonl",
+        "output_dir": str(tmp_path),
+        "max_steps": 1,
+        "deepspeed_config": "ds.json",
+        "teacher_url": teacher_server.url,
+        "temperature": 0.5,
+        "top_k": 4,
+    }
+    with pytest.raises(TeacherMismatchError, match=r"--tail tail at --temperature 0\.5"):
+        open_teacher(TrainerConfig(**common, tail="tail"), tokenizer, len(tokenizer))
+    teacher = open_teacher(TrainerConfig(**common, tail="renorm"), tokenizer, len(tokenizer))
+    try:
+        assert isinstance(teacher, ServiceTeacher) and teacher.temperature == 1.0
+    finally:
+        teacher.close()
