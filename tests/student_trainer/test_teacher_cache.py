@@ -98,5 +98,5 @@ def test_second_epoch_asks_the_teacher_nothing_and_matches_the_live_rows(
             offline.request(next(iter(ShardedBatches(unseen, 4, 0, 1, seed=3, pad_id=tokenizer.pad_token_id))))
     finally:
         offline.close()
-    with pytest.raises(TeacherCacheMissError, match="holds no rows.*--top_k 4"):
+    with pytest.raises(TeacherCacheMissError, match=r"holds no rows.*--top_k 4"):
         open_cached_teacher(replace(down, top_k=4), tokenizer, tokenizer.vocab_size, lambda: pytest.fail("asked"))
