@@ -23,8 +23,8 @@ from typing import Any, Literal
 import yaml
 from transformers import HfArgumentParser
 
+from shared.dataset_formats import DatasetFormat, DataSpec, Truncation
 from student_trainer.checkpoint import resolve_resume
-from student_trainer.data.formats import DatasetFormat, DataSpec, Truncation
 from student_trainer.ds_config import DeepSpeedConfigError, load_deepspeed_config
 from student_trainer.loss import LossConfig
 
