@@ -35,7 +35,7 @@ import time
 import uuid
 import zlib
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import BinaryIO
 
@@ -107,10 +107,10 @@ class CacheContext:
         return h.digest()
 
     def encode(self, frame: TopkFrame) -> bytes:
-        """One sequence's rows as stored: a packed frame (lossless fp16 log-probs unless ``logprobs`` is q8)."""
-        return encode_frame(
-            frame.with_spans(), ids_encoding="packed", vocab_size=self.vocab_size, logprobs_q8=self.logprobs == "q8"
-        )
+        """One sequence's rows as stored: a packed frame, fp16 log-probs (as the wire's default) unless q8."""
+        q8 = self.logprobs == "q8"
+        stored = replace(frame.with_spans(), logprobs=frame.logprobs.float() if q8 else frame.logprobs.half())
+        return encode_frame(stored, ids_encoding="packed", vocab_size=self.vocab_size, logprobs_q8=q8)
 
 
 @dataclass(frozen=True)
