@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from support import REPO, failure_output, launch, read_jsonl
 from transformers import AutoTokenizer
 
 from demo.tiny import TinyAssets
@@ -17,7 +18,6 @@ from shared.fingerprint import tokenizer_fingerprint
 from shared.teacher_cache import TeacherCache, cached_contexts
 from student_trainer.data import load_examples
 from student_trainer.teacher import TeacherClient
-from support import REPO, failure_output, launch, read_jsonl
 from teacher_service.cli import main as gkd_teacher
 from teacher_service.process import TeacherProcess, free_port
 
