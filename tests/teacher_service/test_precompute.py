@@ -37,7 +37,8 @@ def subset(tiny_assets: TinyAssets, tmp_path_factory: pytest.TempPathFactory) ->
 def filled(tiny_assets: TinyAssets, subset: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("cache")
     argv = ["precompute", "--model", str(tiny_assets.teacher), "--served-model-name", "teacher", "--dataset",
-            str(subset), "--out", str(out), "--top-k", str(K), "--max-length", "256", "--batch-sequences", "12"]  # fmt: skip
+            str(subset), "--out", str(out), "--top-k", str(K), "--max-length", "256",
+            "--batch-sequences", "12"]  # fmt: skip
     from teacher_service.precompute import main as precompute
 
     counts = precompute(argv[1:])
