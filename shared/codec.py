@@ -391,8 +391,12 @@ def _dequantized(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.from_numpy(packing.dequantize_logprobs(codes, top, step))
 
 
-def decode_frame(data: bytes | bytearray | memoryview) -> TopkFrame:
-    """Parse a frame; tensors are read-only views into ``data`` (no copy)."""
+def decode_frame(data: bytes | bytearray | memoryview, *, validate: bool = True) -> TopkFrame:
+    """Parse a frame; tensors are read-only views into ``data`` (no copy; packed columns are unpacked).
+
+    ``validate=False`` skips the consistency checks of offsets and spans, for bytes checked before (a cache
+    record behind its checksum, validated when written; the caller validates what it assembles from them).
+    """
     buf = memoryview(data)
     if len(buf) < 8:
         raise FrameError("frame shorter than its 8-byte header length")
@@ -410,20 +414,20 @@ def decode_frame(data: bytes | bytearray | memoryview) -> TopkFrame:
         raise FrameError(f"frame format_version {version!r}, this client reads {' and '.join(readable)}")
     body = buf[8 + header_len :]
     tensors: dict[str, torch.Tensor] = {}
-    for name, spec in header.items():
-        dtype = _DTYPES.get(spec["dtype"])
-        if dtype is None:
-            raise FrameError(f"tensor {name!r} has unsupported dtype {spec['dtype']}")
-        start, end = spec["data_offsets"]
-        shape = spec["shape"]
-        if end > len(body) or start > end:
-            raise FrameError(f"tensor {name!r} data [{start}, {end}) is outside the frame")
-        if start == end:
-            tensors[name] = torch.empty(shape, dtype=dtype)
-        else:
-            with warnings.catch_warnings():
-                # Views over immutable bytes are read-only by contract; torch warns regardless.
-                warnings.filterwarnings("ignore", message="The given buffer is not writable")
+    with warnings.catch_warnings():
+        # Views over immutable bytes are read-only by contract; torch warns regardless.
+        warnings.filterwarnings("ignore", message="The given buffer is not writable")
+        for name, spec in header.items():
+            dtype = _DTYPES.get(spec["dtype"])
+            if dtype is None:
+                raise FrameError(f"tensor {name!r} has unsupported dtype {spec['dtype']}")
+            start, end = spec["data_offsets"]
+            shape = spec["shape"]
+            if end > len(body) or start > end:
+                raise FrameError(f"tensor {name!r} data [{start}, {end}) is outside the frame")
+            if start == end:
+                tensors[name] = torch.empty(shape, dtype=dtype)
+            else:
                 tensors[name] = torch.frombuffer(body[start:end], dtype=dtype).view(shape)
     compact = sorted(tensors.keys() & {"token_ids_packed", *_Q8_TENSORS})
     if compact and version != "3":
@@ -454,5 +458,6 @@ def decode_frame(data: bytes | bytearray | memoryview) -> TopkFrame:
         span_offsets=tensors.get("span_offsets"),
         metadata=metadata,
     )
-    frame.validate()
+    if validate:
+        frame.validate()
     return frame

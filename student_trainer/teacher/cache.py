@@ -17,7 +17,7 @@ import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from shared.codec import TopkFrame
+from shared.codec import FrameError, TopkFrame
 from shared.fingerprint import tokenizer_fingerprint
 from shared.teacher_cache import CacheContext, CacheError, Location, TeacherCache, cached_contexts
 from student_trainer.data import Batch
@@ -96,7 +96,14 @@ class CachedTeacher:
             if self.inner is None:
                 raise TeacherCacheMissError(f"--teacher_cache_offline: {len(bad)} cached records failed their checks")
             parts.update(self._write_back(keys, bad, self.inner.request(_select(batch, bad)).result()))
-        return TopkFrame.concat([p for _, p in sorted(parts.items()) if p is not None])
+        frame = TopkFrame.concat([p for _, p in sorted(parts.items()) if p is not None])
+        try:
+            frame.validate()  # records are read unvalidated: the micro-batch is checked once, as a decoded frame is
+        except FrameError as exc:
+            raise TeacherProtocolError(f"teacher cache {self.cache.root}: rows do not fit together: {exc}") from exc
+        if frame.spans() != [list(spans) for spans in batch.row_spans]:
+            raise TeacherProtocolError(f"teacher cache {self.cache.root}: rows of other spans than the micro-batch's")
+        return frame
 
     def _write_back(self, keys: list[bytes], idx: list[int], rows: TeacherRows) -> dict[int, TopkFrame | None]:
         if not isinstance(rows, TopkRows):
