@@ -3,7 +3,7 @@
 Bit packing: ids are written little-endian, id i at bits ``[i*b, (i+1)*b)`` of the stream (b = id bits).
 Eight ids fill exactly b bytes, so id j of every group of eight sits at the same byte offset and shift
 within its group: encoding and decoding are eight strided numpy operations over the groups (an unaligned
-64-bit window read per id when decoding), never a Python loop over rows or ids.
+32-bit window read per id when decoding, 64-bit above 25 bits), never a Python loop over rows or ids.
 
 8-bit log-probs (``q8``): per row, the top log-prob ``top`` (float32, exact) and a step
 ``(top - lowest finite) / 254`` (float32); entry = ``top - code * step`` with code 0..254, and code 255
@@ -71,13 +71,15 @@ def unpack_ids(stream: np.ndarray | memoryview | bytes, bits: int, count: int) -
     groups = -(-count // 8)
     buf = np.zeros(groups * bits + 8, dtype=np.uint8)
     buf[: raw.size] = raw
-    out = np.empty((groups, 8), dtype=np.int32)
-    mask = np.uint64((1 << bits) - 1)
+    # a 32-bit window holds an id at any shift up to 25 bits (33M tokens); wider ids read 64-bit windows
+    window, dtype = ("<u4", np.uint32) if bits + 7 <= 32 else ("<u8", np.uint64)
+    columns = np.empty((8, groups), dtype=dtype)  # id j of every group, written contiguously
     for j in range(8):
         base, shift = (j * bits) >> 3, (j * bits) & 7
-        window = np.ndarray((groups,), dtype="<u8", buffer=buf, offset=base, strides=(bits,))
-        out[:, j] = (window >> np.uint64(shift)) & mask
-    return out.reshape(-1)[:count]
+        view = np.ndarray((groups,), dtype=window, buffer=buf, offset=base, strides=(bits,))
+        np.right_shift(view, dtype(shift), out=columns[j])
+    np.bitwise_and(columns, dtype((1 << bits) - 1), out=columns)
+    return columns.T.astype(np.int32).reshape(-1)[:count]
 
 
 def quantize_logprobs(logprobs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
