@@ -175,5 +175,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, int]:
     from teacher_service.app import build_engine
 
     config = parse_config(argv)
+    try:
+        import datasets  # noqa: F401  (read by shared.dataset_formats.load_rows)
+    except ImportError as exc:
+        raise SystemExit(
+            "gkd-teacher precompute reads datasets with the `datasets` package: pip install 'gkd-topk[precompute]'"
+        ) from exc
     configure_logging(config.log_level, config.log_format)
     return asyncio.run(precompute(config, build_engine(config)))
