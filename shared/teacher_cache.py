@@ -126,6 +126,12 @@ def _shard_header(context_json: str) -> bytes:
     return SHARD_MAGIC + struct.pack("<I", len(text)) + text
 
 
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
 def _read_shard_header(f: BinaryIO) -> str | None:
     head = f.read(len(SHARD_MAGIC) + 4)
     if len(head) < len(SHARD_MAGIC) + 4 or head[: len(SHARD_MAGIC)] != SHARD_MAGIC:
@@ -336,7 +342,7 @@ class TeacherCache:
         crc = zlib.crc32(payload)
         record = RECORD.pack(RECORD_MAGIC, key, len(payload), crc) + payload
         offset = self._part_bytes
-        os.write(self._fd, record)
+        _write_all(self._fd, record)
         self._part_bytes += len(record)
         self._written[key] = Location(self._part, offset, len(payload), crc)
         if self._part_bytes >= self.seal_bytes or time.monotonic() - self._opened_at >= self.seal_seconds:
@@ -347,7 +353,7 @@ class TeacherCache:
         self._part = self.root / f"{self._prefix}-{self._serial}{SHARD_SUFFIX}{PART}"
         self._fd = os.open(self._part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
         header = _shard_header(self._context_json)
-        os.write(self._fd, header)
+        _write_all(self._fd, header)
         self._part_bytes = len(header)
         self._opened_at = time.monotonic()
 
