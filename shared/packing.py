@@ -79,7 +79,7 @@ def unpack_ids(stream: np.ndarray | memoryview | bytes, bits: int, count: int) -
         view = np.ndarray((groups,), dtype=window, buffer=buf, offset=base, strides=(bits,))
         np.right_shift(view, dtype(shift), out=columns[j])
     np.bitwise_and(columns, dtype((1 << bits) - 1), out=columns)
-    return columns.T.astype(np.int32).reshape(-1)[:count]
+    return columns.T.astype(np.int32, order="C").reshape(-1)[:count]
 
 
 def quantize_logprobs(logprobs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
