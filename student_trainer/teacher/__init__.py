@@ -74,6 +74,7 @@ def open_teacher(config: TrainerConfig, tokenizer: Any, vocab: int) -> Teacher:
     assert config.teacher_url is not None  # TrainerConfig fills in the default
     url = config.teacher_url
     api_key = os.environ.get(config.teacher_api_key_env) or None
+    wire = {"ids_encoding": config.teacher_ids_encoding} if config.teacher_api == "gkd" else {}
     prefetcher = TeacherPrefetcher(
         lambda: make_client(
             config.teacher_api,
@@ -81,6 +82,7 @@ def open_teacher(config: TrainerConfig, tokenizer: Any, vocab: int) -> Teacher:
             timeout=config.teacher_timeout,
             api_key=api_key,
             max_retries=config.teacher_max_retries,
+            **wire,
         ),
         depth=max(config.prefetch_depth, 1),
     )
@@ -93,7 +95,10 @@ def open_teacher(config: TrainerConfig, tokenizer: Any, vocab: int) -> Teacher:
     logger.info("teacher %r at %s (%s API)", info.model, url, config.teacher_api)
     # Rows at the loss temperature from a teacher that computes them (exact tail there); else raw rows the
     # loss tempers itself, over the top-k only (--tail renorm).
-    at_teacher = config.temperature != 1.0 and getattr(info, "applies_temperature", False)
+    # The teacher cache holds raw rows (its key says temperature 1), so a cached run asks for those.
+    at_teacher = (
+        config.temperature != 1.0 and getattr(info, "applies_temperature", False) and config.teacher_cache is None
+    )
     if config.temperature != 1.0 and config.tail == "tail" and not at_teacher:
         prefetcher.close()
         engine = getattr(info, "engine", "vLLM")
