@@ -24,6 +24,10 @@ LOGITS_CHUNK_BYTES = 16 * 2**20
 """Default size of one float32 ``[chunk, V]`` logits block: small enough to stay in a CPU's last-level cache
 (the passes after the matmul are memory-bound), large enough for an efficient matmul (bench/floors.py)."""
 
+MIN_CHUNK_ROWS = 256
+"""Fewest rows per block whatever the vocabulary: each block streams the whole ``[V, D]`` head weight, so at
+V = 128k a 16 MiB block (32 rows) would read it once per 32 rows (measured slower, docs/benchmarks.md)."""
+
 UNSUPPORTED_HEAD_KEYS = ("lm_head_multiplier", "dim_model_base", "output_logits_scale", "mup_width_multiplier")
 """Config fields of models (Falcon-H1, MiniCPM, muP variants) that scale logits in ways not reproduced here."""
 
@@ -94,8 +98,8 @@ def _fill_block(
 
 
 def chunk_rows(vocab_size: int, chunk_bytes: int = LOGITS_CHUNK_BYTES) -> int:
-    """Rows of one float32 ``[rows, V]`` logits block of about ``chunk_bytes``."""
-    return max(1, chunk_bytes // (4 * vocab_size))
+    """Rows of one float32 ``[rows, V]`` logits block: about ``chunk_bytes``, at least :data:`MIN_CHUNK_ROWS`."""
+    return max(MIN_CHUNK_ROWS, chunk_bytes // (4 * vocab_size))
 
 
 def topk_rows(

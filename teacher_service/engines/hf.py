@@ -20,7 +20,6 @@ from shared.codec import TopkFrame
 from teacher_service.engines.base import ModelDirEngine, ScoreJob
 from teacher_service.engines.generation import Completion, GenerateJob
 from teacher_service.engines.head import (
-    LOGITS_CHUNK_BYTES,
     OutputHead,
     RowTopk,
     check_head,
@@ -57,7 +56,7 @@ class HFEngine(ModelDirEngine):
         dtype: str = "auto",
         device: str = "cpu",
         max_batch_tokens: int = 8192,
-        logits_chunk_bytes: int = LOGITS_CHUNK_BYTES,
+        logits_chunk_rows: int | None = None,
     ) -> None:
         super().__init__(model_dir, served_model_name)
         if dtype not in _TORCH_DTYPES:
@@ -65,7 +64,8 @@ class HFEngine(ModelDirEngine):
         self.dtype = dtype
         self.device = torch.device(device)
         self.max_batch_tokens = max_batch_tokens
-        self.logits_chunk_bytes = logits_chunk_bytes
+        self.logits_chunk_rows = logits_chunk_rows
+        """Rows per block of logits; None: :func:`~teacher_service.engines.head.chunk_rows` of the vocabulary."""
         self._lock = threading.Lock()
         self._model: torch.nn.Module | None = None
         self._body: torch.nn.Module | None = None
@@ -162,7 +162,7 @@ class HFEngine(ModelDirEngine):
             targets,
             job.want_tail_logmass,
             job.temperature,
-            chunk_rows(head.vocab_size, self.logits_chunk_bytes),
+            self.logits_chunk_rows or chunk_rows(head.vocab_size),
         )
 
     # --- generation

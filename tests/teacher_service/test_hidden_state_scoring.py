@@ -92,7 +92,7 @@ def test_pretrained_teacher_rows_equal_full_logits(tiny_engine: HFEngine, temper
 def test_small_chunks_and_batches_give_the_same_rows(tiny_assets: TinyAssets, tiny_engine: HFEngine) -> None:
     """Logits blocks of one row and forward chunks of one sequence: the same rows as the defaults."""
     assert tiny_engine._model is not None
-    engine = serve(tiny_assets, tiny_engine._model, logits_chunk_bytes=1, max_batch_tokens=1)
+    engine = serve(tiny_assets, tiny_engine._model, logits_chunk_rows=1, max_batch_tokens=1)
     job = job_for(engine.vocab_size, 1.3, seed=1)
     a, b = engine.score_sync(job), tiny_engine.score_sync(job)
     assert torch.equal(a.token_ids, b.token_ids)
