@@ -63,7 +63,10 @@ def _chunk(
     spec: _Spec,
     want_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(gkd [C], ce [C], d(gkd + sft_alpha ce).sum() / dz) for fp32 logits ``z`` [C, V], which it overwrites."""
+    """(gkd [C], ce [C], d(gkd + sft_alpha ce).sum() / dz) for fp32 logits ``z`` [C, V], which it overwrites.
+
+    For the tail mode or with labels: both need the full normalizer, hence the whole row of logits.
+    """
     tail = spec.tail == "tail"
     z_ids = z.gather(-1, ids)
     lse = chunked_logsumexp(z) if tail or labels is not None else None
@@ -91,9 +94,7 @@ def _chunk(
     k = ids.shape[1]
     g_cols = grads[0]
     g_ids = g_cols[:, :k]
-    if lse is None:  # renorm without CE: the loss sees the logits at the ids only
-        z.zero_().scatter_add_(-1, ids, g_ids)
-        return gkd.detach(), ce.detach(), z
+    assert lse is not None  # renorm without CE is _sparse_chunk's
     # every log-prob column has the full softmax as normalizer: d/dz_v = [v = id] - p_v, summed with weights
     g_sum = g_ids.sum(-1) if tail else torch.zeros_like(lse)
     g_ce = grads[1] if labels is not None else None
@@ -114,6 +115,34 @@ def _chunk(
     if g_ce is not None:
         z.scatter_add_(-1, labels[:, None], g_ce[:, None])
     return gkd.detach(), ce.detach(), z
+
+
+def _sparse_chunk(
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    ids: torch.Tensor,
+    t_log: torch.Tensor,
+    spec: _Spec,
+    want_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """``renorm`` without CE: (gkd [C], d gkd.sum() / d logits at the ids [C, k], the ids' weight rows [C, k, H]).
+
+    The renormalized loss depends on the logits at the teacher's ids alone, so only those k rows of the
+    output layer are used: O(rows x k x H) work instead of O(rows x V x H).
+    """
+    w_ids = weight[ids]
+    z_ids = torch.einsum("ch,ckh->ck", h, w_ids)
+    if bias is not None:
+        z_ids = z_ids + bias[ids]
+    acc = torch.promote_types(weight.dtype, torch.float32)
+    with torch.enable_grad():
+        cols = z_ids.to(acc).requires_grad_(want_grad)
+        gkd = generalized_jsd(F.log_softmax(cols / spec.temperature, dim=-1), t_log, spec.beta)
+        if not want_grad:
+            return gkd.detach(), None, w_ids
+        (g_ids,) = torch.autograd.grad(gkd.sum(), [cols])
+    return gkd.detach(), g_ids, w_ids
 
 
 class _FusedHeadGKD(torch.autograd.Function):
@@ -138,9 +167,23 @@ class _FusedHeadGKD(torch.autograd.Function):
         acc = torch.promote_types(weight.dtype, torch.float32)
         gkd_sum = torch.zeros((), dtype=torch.float64, device=hidden.device)
         ce_sum = torch.zeros((), dtype=torch.float64, device=hidden.device)
+        sparse = spec.tail == "renorm" and labels is None
         for lo in range(0, hidden.shape[0], spec.row_chunk):
             rows = slice(lo, lo + spec.row_chunk)
             h = hidden[rows]
+            if sparse:  # the loss reads the logits at the teacher's ids only: no [chunk, V] at all
+                gkd, g_ids, w_ids = _sparse_chunk(h, weight, bias, ids[rows], t_log[rows], spec, want_grad)
+                gkd_sum += gkd.sum()
+                if g_ids is None:
+                    continue
+                g_ids = g_ids.to(weight.dtype)
+                if grad_h is not None:
+                    grad_h[rows] = torch.einsum("ck,ckh->ch", g_ids, w_ids)
+                if grad_w is not None:
+                    grad_w.index_add_(0, ids[rows].flatten(), (g_ids[:, :, None] * h[:, None, :]).flatten(0, 1))
+                if grad_b is not None:
+                    grad_b.index_add_(0, ids[rows].flatten(), g_ids.flatten())
+                continue
             z = F.linear(h, weight, bias).to(acc)
             gkd, ce, dz = _chunk(z, ids[rows], t_log[rows], None if labels is None else labels[rows], spec, want_grad)
             gkd_sum += gkd.sum()
