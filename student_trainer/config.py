@@ -126,7 +126,7 @@ class TrainerConfig:
     )
     teacher_model_name_or_path: str | None = _help(
         "in-process transformers teacher instead of a service: full-vocabulary loss, teacher forward "
-        "on every rank (comparison runs, small teachers); also what --seq_kd needs",
+        "on every rank (comparison runs, small teachers)",
         default=None,
     )
     teacher_api_key_env: str = _help(
@@ -185,7 +185,8 @@ class TrainerConfig:
         default=0.0,
     )
     seq_kd: bool = _help(
-        "off-policy steps train on teacher-generated completions (needs --teacher_model_name_or_path)",
+        "off-policy steps train on teacher-generated completions (the in-process teacher's, or the teacher "
+        "service's through /v1/completions)",
         default=False,
     )
     max_new_tokens: int | None = _help("tokens generated per completion (needed for lmbda/seq_kd)", default=None)
@@ -270,11 +271,6 @@ class TrainerConfig:
             raise ValueError(f"--lmbda must be in [0, 1], got {self.lmbda}")
         if self.generation_temperature < 0:
             raise ValueError(f"--generation_temperature must be >= 0, got {self.generation_temperature}")
-        if self.seq_kd and not self.local_teacher:
-            raise ValueError(
-                "--seq_kd needs a teacher that generates: the teacher service has no generation endpoint; "
-                "use --teacher_model_name_or_path DIR (in-process teacher)"
-            )
         if self.generates and self.max_new_tokens is None:
             raise ValueError(
                 f"--lmbda {self.lmbda}{' with --seq_kd' if self.seq_kd else ''} generates completions: "

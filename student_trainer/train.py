@@ -30,7 +30,7 @@ from student_trainer.evaluate import sharded_eval
 from student_trainer.logs import RunLog, quiet_upstream_warnings
 from student_trainer.lora import lora_config, with_lora
 from student_trainer.modeling import RowLogitsLM
-from student_trainer.rollout import generated_step
+from student_trainer.rollout import TeacherGenerator, generated_step, teacher_generator
 from student_trainer.schedule import step_source
 from student_trainer.step import LogWindow, NonFiniteLossError, train_step
 from student_trainer.teacher import LocalTeacher, Teacher, TeacherError, open_teacher
@@ -59,6 +59,7 @@ def train(config: TrainerConfig) -> dict[str, float]:
     tokenizer = AutoTokenizer.from_pretrained(config.model_name_or_path)
     vocab = int(AutoConfig.from_pretrained(config.model_name_or_path).vocab_size)
     teacher = open_teacher(config, tokenizer, vocab)  # refuses a teacher of another tokenizer before weights load
+    generator = teacher_generator(config, teacher)  # --seq_kd: in process, or through the service
     lora = None
     if config.lora_r:
         lora_cfg = lora_config(config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules_list)
@@ -97,8 +98,10 @@ def train(config: TrainerConfig) -> dict[str, float]:
                 f"{n_trainable:,} of {n_params:,} parameters trained"
                 + ("" if lora is None else f" (LoRA r={config.lora_r} on {config.lora_target_modules})"),
             )
-        summary = loop(config, engine, teacher, tokenizer, batches, eval_examples, start_step)
+        summary = loop(config, engine, teacher, tokenizer, batches, eval_examples, start_step, generator)
     finally:
+        if generator is not None and generator is not teacher:
+            generator.close()
         teacher.close()
     if not config.no_export:
         export_pretrained(engine, tokenizer, out_dir / "final", lora)
@@ -166,6 +169,7 @@ def loop(
     batches: ShardedBatches | StreamingBatches,
     eval_examples: Sequence[Example] | None,
     start_step: int,
+    generator: TeacherGenerator | None = None,
 ) -> dict[str, float]:
     """Steps ``start_step + 1 .. max_steps``; returns the last log record and evaluation."""
     is_main, gas = dist.get_rank() == 0, engine.gradient_accumulation_steps()
@@ -185,7 +189,9 @@ def loop(
             source = step_source(config.seed, step, config.lmbda, config.seq_kd)
             items = feed.take(gas)
             if source != "dataset":  # generate completions, each scored by the teacher as soon as it exists
-                items = generated_step(config, source, [b for b, _ in items], engine, teacher, tokenizer, step)
+                items = generated_step(
+                    config, source, [b for b, _ in items], engine, teacher, tokenizer, step, generator
+                )
             # forward/backward: the GKD loss (plus sft_alpha x CE on dataset steps), one optimizer step
             sft_alpha = config.sft_alpha if source == "dataset" else 0.0
             stats = train_step(engine, items, config.loss, sft_alpha, step=step, fused_loss=config.fused_loss)
