@@ -23,8 +23,8 @@ from typing import Any, Literal
 import yaml
 from transformers import HfArgumentParser
 
+from shared.dataset_formats import DatasetFormat, DataSpec, Truncation
 from student_trainer.checkpoint import resolve_resume
-from student_trainer.data.formats import DatasetFormat, DataSpec, Truncation
 from student_trainer.ds_config import DeepSpeedConfigError, load_deepspeed_config
 from student_trainer.loss import LossConfig
 
@@ -45,7 +45,8 @@ FLAG_GROUPS: dict[str, tuple[str, ...]] = {
     ),
     "Teacher": (
         "teacher_url", "teacher_api", "teacher_model_name_or_path", "teacher_api_key_env", "teacher_timeout",
-        "teacher_max_retries", "prefetch_depth", "top_k",
+        "teacher_max_retries", "prefetch_depth", "top_k", "teacher_ids_encoding", "teacher_cache",
+        "teacher_cache_offline",
     ),
     "Loss": ("beta", "temperature", "tail", "sft_alpha", "fused_loss"),
     "LoRA": ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "export"),
@@ -140,6 +141,21 @@ class TrainerConfig:
         "teacher requests in flight ahead of the micro-batch being trained; 0 = fetch when needed", default=2
     )
     top_k: int = _help("teacher log-probs per position (vLLM's default max is 20)", default=20)
+    teacher_ids_encoding: Literal["auto", "int32", "packed"] = _help(
+        "token ids in the teacher's frames: auto = bit-packed at ceil(log2 V) bits where the teacher offers it "
+        "(0.71x the bytes at k=20, V=152k; lossless), int32 = zero-copy, packed = refuse a teacher without",
+        default="auto",
+    )
+    teacher_cache: str | None = _help(
+        "directory of the content-addressed teacher cache: rows found there are read, only misses are sent to "
+        "the teacher and written back, so a second epoch (or another run on the same data) asks the teacher "
+        "nothing; `gkd-teacher precompute` fills it offline",
+        default=None,
+    )
+    teacher_cache_offline: bool = _help(
+        "train from --teacher_cache alone, never contacting a teacher: a row missing from the cache stops training",
+        default=False,
+    )
 
     # --- loss
     beta: float = _help(
@@ -243,6 +259,17 @@ class TrainerConfig:
                 "--tail tail needs --temperature 1 (the teacher's tail mass is known at temperature 1 only); "
                 "use --tail renorm with other temperatures"
             )
+        if self.teacher_cache is not None and self.local_teacher:
+            raise ValueError("--teacher_cache holds a teacher service's top-k rows; not --teacher_model_name_or_path")
+        if self.teacher_cache is not None and self.teacher_api != "gkd":
+            raise ValueError(
+                "--teacher_cache needs --teacher_api gkd: a vLLM server publishes no tokenizer fingerprint or model "
+                "revision to key the cache on"
+            )
+        if self.teacher_cache_offline and self.teacher_cache is None:
+            raise ValueError("--teacher_cache_offline needs --teacher_cache DIR")
+        if self.teacher_cache_offline and self.seq_kd:
+            raise ValueError("--seq_kd has the teacher generate completions: not with --teacher_cache_offline")
         for name, low in (("top_k", 1), ("prefetch_depth", 0), ("teacher_max_retries", 0)):
             if getattr(self, name) < low:
                 raise ValueError(f"--{name} must be >= {low}, got {getattr(self, name)}")

@@ -34,6 +34,7 @@ from student_trainer.rollout import TeacherGenerator, generated_step, teacher_ge
 from student_trainer.schedule import step_source
 from student_trainer.step import LogWindow, NonFiniteLossError, train_step
 from student_trainer.teacher import LocalTeacher, Teacher, TeacherError, open_teacher
+from student_trainer.teacher.cache import open_cached_teacher
 from student_trainer.teacher.feed import TeacherFeed
 
 logger = logging.getLogger("student_trainer")
@@ -58,7 +59,12 @@ def train(config: TrainerConfig) -> dict[str, float]:
 
     tokenizer = AutoTokenizer.from_pretrained(config.model_name_or_path)
     vocab = int(AutoConfig.from_pretrained(config.model_name_or_path).vocab_size)
-    teacher = open_teacher(config, tokenizer, vocab)  # refuses a teacher of another tokenizer before weights load
+    # refuses a teacher of another tokenizer before weights load; --teacher_cache puts the cache in front of it
+    teacher: Teacher = (
+        open_cached_teacher(config, tokenizer, vocab, lambda: open_teacher(config, tokenizer, vocab))
+        if config.teacher_cache is not None
+        else open_teacher(config, tokenizer, vocab)
+    )
     generator = teacher_generator(config, teacher)  # --seq_kd: in process, or through the service
     lora = None
     if config.lora_r:
