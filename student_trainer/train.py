@@ -31,10 +31,11 @@ from student_trainer.evaluate import sharded_eval
 from student_trainer.logs import RunLog, quiet_upstream_warnings
 from student_trainer.modeling import RowLogitsLM
 from student_trainer.preemption import PREEMPTED_EXIT_CODE, Preempted, StopSignal
-from student_trainer.rollout import generated_step
+from student_trainer.rollout import TeacherGenerator, generated_step, teacher_generator
 from student_trainer.schedule import step_source
 from student_trainer.step import LogWindow, NonFiniteLossError, train_step
 from student_trainer.teacher import LocalTeacher, Teacher, TeacherError, open_teacher
+from student_trainer.teacher.cache import open_cached_teacher
 from student_trainer.teacher.feed import TeacherFeed
 
 logger = logging.getLogger("student_trainer")
@@ -63,7 +64,13 @@ def train(config: TrainerConfig, stop: StopSignal | None = None) -> dict[str, fl
 
     tokenizer = AutoTokenizer.from_pretrained(config.model_name_or_path)
     vocab = int(AutoConfig.from_pretrained(config.model_name_or_path).vocab_size)
-    teacher = open_teacher(config, tokenizer, vocab)  # refuses a teacher of another tokenizer before weights load
+    # refuses a teacher of another tokenizer before weights load; --teacher_cache puts the cache in front of it
+    teacher: Teacher = (
+        open_cached_teacher(config, tokenizer, vocab, lambda: open_teacher(config, tokenizer, vocab))
+        if config.teacher_cache is not None
+        else open_teacher(config, tokenizer, vocab)
+    )
+    generator = teacher_generator(config, teacher)  # --seq_kd: in process, or through the service
     try:
         torch.manual_seed(config.seed)
         student = RowLogitsLM(AutoModelForCausalLM.from_pretrained(config.model_name_or_path, dtype=torch.float32))
@@ -91,8 +98,10 @@ def train(config: TrainerConfig, stop: StopSignal | None = None) -> dict[str, fl
                 engine.gradient_accumulation_steps(), engine.zero_optimization_stage(), start_step + 1,
                 config.max_steps,
             )  # fmt: skip
-        summary = loop(config, engine, teacher, tokenizer, batches, eval_examples, start_step, stop)
+        summary = loop(config, engine, teacher, tokenizer, batches, eval_examples, start_step, stop, generator)
     finally:
+        if generator is not None and generator is not teacher:
+            generator.close()
         teacher.close()
     if not config.no_export:
         export_pretrained(engine, tokenizer, out_dir / "final")
@@ -176,6 +185,7 @@ def loop(
     eval_examples: Sequence[Example] | None,
     start_step: int,
     stop: StopSignal,
+    generator: TeacherGenerator | None = None,
 ) -> dict[str, float]:
     """Steps ``start_step + 1 .. max_steps``; returns the last log record and evaluation.
 
@@ -201,7 +211,9 @@ def loop(
             source = step_source(config.seed, step, config.lmbda, config.seq_kd)
             items = feed.take(gas)
             if source != "dataset":  # generate completions, each scored by the teacher as soon as it exists
-                items = generated_step(config, source, [b for b, _ in items], engine, teacher, tokenizer, step)
+                items = generated_step(
+                    config, source, [b for b, _ in items], engine, teacher, tokenizer, step, generator
+                )
             # forward/backward: the GKD loss (plus sft_alpha x CE on dataset steps), one optimizer step
             sft_alpha = config.sft_alpha if source == "dataset" else 0.0
             stats = train_step(engine, items, config.loss, sft_alpha, step=step)
