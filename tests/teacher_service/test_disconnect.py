@@ -104,6 +104,7 @@ def test_a_timed_out_request_never_reaches_the_micro_batched_engine() -> None:
         assert sample(url, "gkd_teacher_requests_total", route=TOPK, status="499") == 1
         assert sample(url, "gkd_teacher_cancelled_jobs_total", stage="running") == 0
         assert sample(url, "gkd_teacher_errors_total") == 0  # a departed client is not a service error
+        assert sample(url, "gkd_teacher_inflight_requests") == 0  # its admission slot was given back
 
 
 def test_a_disconnected_client_cancels_the_self_scheduling_engine_call() -> None:
