@@ -43,6 +43,8 @@ class TopkRows:
     """The service's top-k rows of one micro-batch (a decoded frame)."""
 
     frame: TopkFrame
+    tempered: bool = False
+    """The teacher computed the rows at the loss temperature (else they are raw, tempered by the loss)."""
 
     def gkd_loss(self, student_logits: torch.Tensor, loss: LossConfig) -> torch.Tensor:
         device = student_logits.device
@@ -55,6 +57,7 @@ class TopkRows:
             temperature=loss.temperature,
             tail=loss.tail,
             teacher_tail_logmass=None if tail is None else tail.to(device),
+            teacher_tempered=self.tempered,
         )
 
     def topk(self, k: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
