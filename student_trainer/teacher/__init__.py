@@ -3,9 +3,11 @@ and the in-process alternative.
 
 Layout (as httpx's ``_transports``): ``base`` holds the client contract and the HTTP plumbing;
 ``gkd`` (this project's binary API) and ``vllm`` (``/v1/completions`` with ``prompt_logprobs``)
-each import only the base; ``errors`` draws the exception tree. ``prefetch`` runs a client on a
-background event loop, ``feed`` requests micro-batches ahead of training, ``rows`` is what a
-step receives, ``service`` and ``local`` are the two teachers a run can have.
+each import only the base; ``errors`` draws the exception tree. ``pool`` spreads one teacher's
+requests over its replicas and waits out outages, ``routing`` sends each row to its named teacher,
+``prefetch`` runs them on a background event loop, ``feed`` requests micro-batches ahead of training,
+``outage`` lets every rank agree to stop, ``rows`` is what a step receives, ``service`` and ``local``
+are the two teachers a run can have.
 """
 
 from __future__ import annotations
@@ -19,13 +21,16 @@ from student_trainer.teacher.base import TOKENIZER_PROBE, AsyncTeacherClient, Ht
 from student_trainer.teacher.errors import (
     TeacherError,
     TeacherMismatchError,
+    TeacherOutageError,
     TeacherProtocolError,
     TeacherRequestError,
     TeacherUnavailableError,
 )
 from student_trainer.teacher.gkd import TeacherClient
 from student_trainer.teacher.local import LocalTeacher
+from student_trainer.teacher.pool import TeacherPool
 from student_trainer.teacher.prefetch import TeacherPrefetcher
+from student_trainer.teacher.routing import TeacherRouter
 from student_trainer.teacher.rows import Teacher, TeacherRows
 from student_trainer.teacher.service import ServiceTeacher
 from student_trainer.teacher.vllm import VllmTeacherClient
@@ -43,9 +48,12 @@ __all__ = [
     "TeacherClient",
     "TeacherError",
     "TeacherMismatchError",
+    "TeacherOutageError",
+    "TeacherPool",
     "TeacherPrefetcher",
     "TeacherProtocolError",
     "TeacherRequestError",
+    "TeacherRouter",
     "TeacherRows",
     "TeacherUnavailableError",
     "VllmTeacherClient",
@@ -71,24 +79,43 @@ def open_teacher(config: TrainerConfig, tokenizer: Any, vocab: int) -> Teacher:
     fingerprint = tokenizer_fingerprint(tokenizer)
     if config.teacher_model_name_or_path is not None:
         return LocalTeacher(config.teacher_model_name_or_path, fingerprint, vocab)
-    assert config.teacher_url is not None  # TrainerConfig fills in the default
-    url = config.teacher_url
     api_key = os.environ.get(config.teacher_api_key_env) or None
-    prefetcher = TeacherPrefetcher(
-        lambda: make_client(
+
+    def replica(url: str, host_header: str | None) -> AsyncTeacherClient:
+        return make_client(
             config.teacher_api,
             url,
             timeout=config.teacher_timeout,
             api_key=api_key,
             max_retries=config.teacher_max_retries,
-        ),
-        depth=max(config.prefetch_depth, 1),
-    )
+            connect_retries=1,  # a replica that refuses connections is ejected, not retried for seconds
+            host_header=host_header,
+        )
+
+    def router() -> TeacherRouter:
+        return TeacherRouter(
+            {
+                name: TeacherPool(urls, replica, name=name, wait_timeout=config.teacher_wait_timeout)
+                for name, urls in config.teacher_urls.items()
+            }
+        )
+
+    prefetcher = TeacherPrefetcher(router, depth=max(config.prefetch_depth, 1))
     try:
         probe = (TOKENIZER_PROBE, tokenizer(TOKENIZER_PROBE, add_special_tokens=False).input_ids)
-        info = prefetcher.run(prefetcher.client.check_compatible(vocab, fingerprint, config.top_k, probe=probe))
+        infos = prefetcher.run(prefetcher.client.check_compatible(vocab, fingerprint, config.top_k, probe=probe))
     except BaseException:
         prefetcher.close()
         raise
-    logger.info("teacher %r at %s (%s API)", info.model, url, config.teacher_api)
+    for name, info in infos.items():
+        pool = prefetcher.client.teachers[name]
+        assert isinstance(pool, TeacherPool)
+        logger.info(
+            "teacher %r: %r on %d replica(s) of %s (%s API)",
+            name,
+            info.model,
+            len(pool.replicas),
+            pool.base_url,
+            config.teacher_api,
+        )
     return ServiceTeacher(prefetcher, config.top_k, want_tail=config.tail == "tail", prefetch=config.prefetch_depth > 0)

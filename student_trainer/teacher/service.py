@@ -7,15 +7,19 @@ from concurrent.futures import Future
 from shared.codec import TopkFrame
 from student_trainer.data import Batch
 from student_trainer.teacher.prefetch import TeacherPrefetcher
+from student_trainer.teacher.routing import TeacherRouter
 from student_trainer.teacher.rows import Deferred, Handle, TeacherRows, TopkRows
 
 
 class ServiceTeacher:
-    """``request`` sends the micro-batch at once (or, with ``prefetch=False``, when its rows are needed)."""
+    """``request`` sends the micro-batch at once (or, with ``prefetch=False``, when its rows are needed); each
+    sequence goes to its named teacher (:class:`~.routing.TeacherRouter`)."""
 
     can_generate = False
 
-    def __init__(self, prefetcher: TeacherPrefetcher, top_k: int, want_tail: bool, prefetch: bool) -> None:
+    def __init__(
+        self, prefetcher: TeacherPrefetcher[TeacherRouter], top_k: int, want_tail: bool, prefetch: bool
+    ) -> None:
         self.prefetcher, self.top_k, self.want_tail, self.prefetch = prefetcher, top_k, want_tail, prefetch
 
     def _submit(self, batch: Batch) -> Future[TopkFrame]:
@@ -23,8 +27,8 @@ class ServiceTeacher:
         ``batch.row_index()``, span by span."""
         top_k, want_tail = self.top_k, self.want_tail
         return self.prefetcher.submit(
-            lambda client: client.topk_logprobs(
-                batch.sequences, top_k, row_spans=batch.row_spans, return_tail_logmass=want_tail
+            lambda router: router.topk_logprobs(
+                batch.teachers, batch.sequences, top_k, row_spans=batch.row_spans, return_tail_logmass=want_tail
             )
         )
 
