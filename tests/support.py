@@ -139,7 +139,7 @@ COMPOSE_GPU = REPO / "docker-compose.gpu.yml"
 DOCKERFILES = sorted(DEPLOY.glob("Dockerfile.*"))
 
 # In-cluster and in-compose addresses of the teacher.
-CLUSTER_TEACHER_URL = f"http://gkd-teacher:{DEFAULT_PORT}"
+CLUSTER_TEACHER_URL = f"http://gkd-teacher-replicas:{DEFAULT_PORT}"  # the headless Service: one replica per pod
 COMPOSE_TEACHER_URL = f"http://teacher:{DEFAULT_PORT}"
 
 # Values for the variables that the Compose files require or default.
