@@ -177,8 +177,9 @@ def loop(
             if source != "dataset":  # generate completions, each scored by the teacher as soon as it exists
                 items = generated_step(config, source, [b for b, _ in items], engine, teacher, tokenizer, step)
             # teacher rows: an outage is waited out here; past --teacher_wait_timeout every rank stops together
+            # (an in-process teacher computes its rows in the step, one micro-batch at a time, and has no outage)
             try:
-                waited = await_step_rows(items, engine.device)
+                waited = 0.0 if isinstance(teacher, LocalTeacher) else await_step_rows(items, engine.device)
             except TeacherOutageError:
                 save_checkpoint(engine, out_dir / CHECKPOINTS_DIR, step - 1, before)
                 raise

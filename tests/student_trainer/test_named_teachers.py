@@ -21,7 +21,8 @@ def base(tmp_path: Path) -> list[str]:
     (tmp_path / "train.jsonl").write_text('{"prompt": "a", "completion": "b"}\n')
     return [
         "--model_name_or_path", str(tmp_path / "model"), "--train_file", str(tmp_path / "train.jsonl"),
-        "--output_dir", str(tmp_path / "out"), "--max_steps", "10", "--deepspeed", str(REPO / "deploy" / "ds_zero2.json"),
+        "--output_dir", str(tmp_path / "out"), "--max_steps", "10",
+        "--deepspeed", str(REPO / "deploy" / "ds_zero2.json"),
     ]  # fmt: skip
 
 
