@@ -6,9 +6,9 @@ run (``--teacher_url`` lists both, ``--logging_steps 1``, ``--save_steps``). The
 - undisturbed: the baseline;
 - disturbed: at ``--outage-step`` both replicas are SIGKILLed and restarted on their ports ``--pause`` s later
   (the trainer waits on its step); at ``--replica-loss-step`` replica 2 is SIGKILLed for good (replica 1 takes
-  its load); at ``--preempt-step`` the launcher gets ``--preempt-signal`` (SIGTERM as Kubernetes sends it), and
-  the same command is started again with ``--resume_from_checkpoint`` (``auto`` where the trainer has it, else
-  ``latest``).
+  its load); at ``--preempt-step`` the launcher gets SIGTERM and, ``--grace`` seconds later, its whole session
+  SIGKILL (as the kubelet evicts a pod), and the same command is started again with ``--resume_from_checkpoint``
+  (``auto`` where the trainer has it, else ``latest``).
 
 Reported: lost steps (steps trained twice because the preemption lost them; goal 0), steps missing from the
 log (must be 0), the wall time against the baseline (with the deliberate outage pause also subtracted), and the
@@ -24,6 +24,7 @@ import collections
 import dataclasses
 import json
 import logging
+import os
 import signal
 import subprocess
 import tempfile
@@ -65,6 +66,20 @@ def _resume_flag() -> str:
     return "auto" if "auto" in field.metadata["help"] else "latest"
 
 
+def _preempt(proc: subprocess.Popen[bytes], how: str, grace: float) -> tuple[int, bool]:
+    """As the kubelet evicts a pod: ``how`` (TERM) to the launcher, then after ``grace`` seconds SIGKILL to every
+    process of the pod (here: the launcher's session). (exit code, whether it stopped within the grace period)."""
+    if how == "KILL":
+        os.killpg(proc.pid, signal.SIGKILL)
+        return proc.wait(), False
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout=grace), True
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        return proc.wait(), False
+
+
 class Replicas:
     """The teacher replicas, each restartable on its own port."""
 
@@ -103,7 +118,7 @@ def run(assets: TinyAssets, out: Path, args: argparse.Namespace, chaos: bool) ->
     try:
         with (out.parent / f"{out.name}-trainer.log").open("ab") as log:
             command = trainer_command(assets, out, *flags)
-            proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+            proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
             if chaos:
                 _wait_step(proc, out, args.outage_step)
                 t0 = time.perf_counter()
@@ -117,8 +132,8 @@ def run(assets: TinyAssets, out: Path, args: argparse.Namespace, chaos: bool) ->
                 replicas.kill(1)
                 _wait_step(proc, out, args.preempt_step)
                 events["preempted_at"] = max(_log_steps(out))
-                proc.send_signal(signal.SIGTERM if args.preempt_signal == "TERM" else signal.SIGKILL)
-                events["preempted_rc"] = proc.wait(timeout=300)
+                events["preempted_rc"], events["stopped_within_grace"] = _preempt(proc, args.preempt_signal, args.grace)
+                events["last_step_before_resume"] = max(_log_steps(out))
                 resume = _resume_flag()
                 events["resume_flag"] = resume  # type: ignore[assignment]
                 proc = subprocess.Popen(
@@ -126,6 +141,7 @@ def run(assets: TinyAssets, out: Path, args: argparse.Namespace, chaos: bool) ->
                     stdout=log,
                     stderr=subprocess.STDOUT,
                     cwd=REPO,
+                    start_new_session=True,
                 )
             rc = proc.wait(timeout=1800)
     finally:
@@ -153,9 +169,11 @@ def main() -> None:
     parser.add_argument("--replica-loss-step", type=int, default=25)
     parser.add_argument("--preempt-step", type=int, default=37)
     parser.add_argument("--preempt-signal", choices=["TERM", "KILL"], default="TERM")
+    parser.add_argument("--grace", type=float, default=30.0, help="seconds from SIGTERM to SIGKILL (the pod's grace)")
     parser.add_argument("--out", type=Path, default=None, help="keep the runs here (default: a temporary folder)")
+    parser.add_argument("--cache", type=Path, default=REPO / "runs" / "cache", help="tiny model cache (demo.tiny)")
     args = parser.parse_args()
-    assets = build_assets(REPO / "runs" / "cache")
+    assets = build_assets(args.cache)
     with tempfile.TemporaryDirectory(prefix="chaos-") as tmp:
         root = args.out or Path(tmp)
         root.mkdir(parents=True, exist_ok=True)
@@ -177,6 +195,8 @@ def main() -> None:
         "preempted_at_step": chaos["preempted_at"],
         "preempt_signal": args.preempt_signal,
         "preempted_exit_code": chaos["preempted_rc"],
+        "stopped_within_grace": chaos["stopped_within_grace"],
+        "last_logged_step_at_stop": chaos["last_step_before_resume"],
         "resume_from_checkpoint": chaos["resume_flag"],
         "final_weights_max_abs_diff": diff,
         "final_weights_equal": bool(all(torch.allclose(b[k].float(), a[k].float(), rtol=1e-4, atol=1e-5) for k in a)),
