@@ -134,6 +134,8 @@ def run(assets: TinyAssets, out: Path, args: argparse.Namespace, chaos: bool) ->
                 events["preempted_at"] = max(_log_steps(out))
                 events["preempted_rc"], events["stopped_within_grace"] = _preempt(proc, args.preempt_signal, args.grace)
                 events["last_step_before_resume"] = max(_log_steps(out))
+                if events["last_step_before_resume"] >= args.steps:
+                    raise RuntimeError("the run finished within the grace period: preempt earlier or shorten --grace")
                 resume = _resume_flag()
                 events["resume_flag"] = resume  # type: ignore[assignment]
                 proc = subprocess.Popen(
@@ -169,7 +171,9 @@ def main() -> None:
     parser.add_argument("--replica-loss-step", type=int, default=25)
     parser.add_argument("--preempt-step", type=int, default=37)
     parser.add_argument("--preempt-signal", choices=["TERM", "KILL"], default="TERM")
-    parser.add_argument("--grace", type=float, default=30.0, help="seconds from SIGTERM to SIGKILL (the pod's grace)")
+    parser.add_argument(
+        "--grace", type=float, default=3.0, help="seconds from SIGTERM to SIGKILL (a pod's grace, scaled to tiny steps)"
+    )
     parser.add_argument("--out", type=Path, default=None, help="keep the runs here (default: a temporary folder)")
     parser.add_argument("--cache", type=Path, default=REPO / "runs" / "cache", help="tiny model cache (demo.tiny)")
     args = parser.parse_args()
