@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import dataclasses
 import json
 import logging
@@ -68,16 +69,19 @@ def _resume_flag() -> str:
 
 def _preempt(proc: subprocess.Popen[bytes], how: str, grace: float) -> tuple[int, bool]:
     """As the kubelet evicts a pod: ``how`` (TERM) to the launcher, then after ``grace`` seconds SIGKILL to every
-    process of the pod (here: the launcher's session). (exit code, whether it stopped within the grace period)."""
-    if how == "KILL":
+    process of the pod (here: the launcher's session). (launcher exit code, whether all stopped within the grace)."""
+    if how == "TERM":
+        proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(proc.pid, 0)  # any process of the session left?
+            except ProcessLookupError:
+                return proc.wait(), True
+            time.sleep(0.05)
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
-        return proc.wait(), False
-    proc.send_signal(signal.SIGTERM)
-    try:
-        return proc.wait(timeout=grace), True
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        return proc.wait(), False
+    return proc.wait(), False
 
 
 class Replicas:
