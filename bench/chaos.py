@@ -29,6 +29,7 @@ import os
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -129,9 +130,11 @@ def run(assets: TinyAssets, out: Path, args: argparse.Namespace, chaos: bool) ->
                 replicas.kill(0)
                 replicas.kill(1)
                 time.sleep(args.pause)
+                second = threading.Thread(target=replicas.restart, args=(1,))  # the trainer goes on meanwhile
+                second.start()
                 replicas.restart(0)
-                replicas.restart(1)
                 events["outage_s"] = time.perf_counter() - t0
+                second.join()
                 _wait_step(proc, out, args.replica_loss_step)
                 replicas.kill(1)
                 _wait_step(proc, out, args.preempt_step)
@@ -168,7 +171,7 @@ def run(assets: TinyAssets, out: Path, args: argparse.Namespace, chaos: bool) ->
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--save-steps", type=int, default=10)
     parser.add_argument("--outage-step", type=int, default=10)
     parser.add_argument("--pause", type=float, default=20.0, help="seconds both replicas stay down")

@@ -29,10 +29,11 @@ from student_trainer.data.sources import split_off_eval, stream_for_rank
 from student_trainer.evaluate import sharded_eval
 from student_trainer.logs import RunLog, quiet_upstream_warnings
 from student_trainer.modeling import RowLogitsLM
-from student_trainer.rollout import generated_step
+from student_trainer.rollout import TeacherGenerator, generated_step, teacher_generator
 from student_trainer.schedule import step_source
 from student_trainer.step import LogWindow, NonFiniteLossError, train_step
 from student_trainer.teacher import LocalTeacher, Teacher, TeacherError, TeacherOutageError, open_teacher
+from student_trainer.teacher.cache import open_cached_teacher
 from student_trainer.teacher.feed import TeacherFeed
 from student_trainer.teacher.outage import await_step_rows
 
@@ -60,7 +61,13 @@ def train(config: TrainerConfig) -> dict[str, float]:
 
     tokenizer = AutoTokenizer.from_pretrained(config.model_name_or_path)
     vocab = int(AutoConfig.from_pretrained(config.model_name_or_path).vocab_size)
-    teacher = open_teacher(config, tokenizer, vocab)  # refuses a teacher of another tokenizer before weights load
+    # refuses a teacher of another tokenizer before weights load; --teacher_cache puts the cache in front of it
+    teacher: Teacher = (
+        open_cached_teacher(config, tokenizer, vocab, lambda: open_teacher(config, tokenizer, vocab))
+        if config.teacher_cache is not None
+        else open_teacher(config, tokenizer, vocab)
+    )
+    generator = teacher_generator(config, teacher)  # --seq_kd: in process, or through the service
     try:
         torch.manual_seed(config.seed)
         student = RowLogitsLM(AutoModelForCausalLM.from_pretrained(config.model_name_or_path, dtype=torch.float32))
@@ -86,8 +93,10 @@ def train(config: TrainerConfig) -> dict[str, float]:
                 engine.gradient_accumulation_steps(), engine.zero_optimization_stage(), start_step + 1,
                 config.max_steps,
             )  # fmt: skip
-        summary = loop(config, engine, teacher, tokenizer, batches, eval_examples, start_step)
+        summary = loop(config, engine, teacher, tokenizer, batches, eval_examples, start_step, generator)
     finally:
+        if generator is not None and generator is not teacher:
+            generator.close()
         teacher.close()
     if not config.no_export:
         export_pretrained(engine, tokenizer, out_dir / "final")
@@ -155,6 +164,7 @@ def loop(
     batches: ShardedBatches | StreamingBatches,
     eval_examples: Sequence[Example] | None,
     start_step: int,
+    generator: TeacherGenerator | None = None,
 ) -> dict[str, float]:
     """Steps ``start_step + 1 .. max_steps``; returns the last log record and evaluation."""
     is_main, gas = dist.get_rank() == 0, engine.gradient_accumulation_steps()
@@ -175,7 +185,9 @@ def loop(
             before = feed.consumed_state
             items = feed.take(gas)
             if source != "dataset":  # generate completions, each scored by the teacher as soon as it exists
-                items = generated_step(config, source, [b for b, _ in items], engine, teacher, tokenizer, step)
+                items = generated_step(
+                    config, source, [b for b, _ in items], engine, teacher, tokenizer, step, generator
+                )
             # teacher rows: an outage is waited out here; past --teacher_wait_timeout every rank stops together
             # (an in-process teacher computes its rows in the step, one micro-batch at a time, and has no outage)
             try:

@@ -80,6 +80,7 @@ def open_teacher(config: TrainerConfig, tokenizer: Any, vocab: int) -> Teacher:
     if config.teacher_model_name_or_path is not None:
         return LocalTeacher(config.teacher_model_name_or_path, fingerprint, vocab)
     api_key = os.environ.get(config.teacher_api_key_env) or None
+    wire = {"ids_encoding": config.teacher_ids_encoding} if config.teacher_api == "gkd" else {}
 
     def replica(url: str, host_header: str | None) -> AsyncTeacherClient:
         return make_client(
@@ -90,6 +91,7 @@ def open_teacher(config: TrainerConfig, tokenizer: Any, vocab: int) -> Teacher:
             max_retries=config.teacher_max_retries,
             connect_retries=1,  # a replica that refuses connections is ejected, not retried for seconds
             host_header=host_header,
+            **wire,
         )
 
     def router() -> TeacherRouter:

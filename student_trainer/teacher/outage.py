@@ -32,8 +32,8 @@ def await_step_rows(items: list[tuple[Any, Handle[TeacherRows] | None]], device:
         except TeacherOutageError as exc:
             outage = exc
             break
-    waited = time.perf_counter() - started
     (failed,) = all_reduce_sum([float(outage is not None)], device)
+    waited = time.perf_counter() - started  # its own rows, or another rank's
     if outage is not None:
         raise outage
     if failed:
