@@ -48,7 +48,8 @@ FLAG_GROUPS: dict[str, tuple[str, ...]] = {
         "teacher_timeout", "teacher_max_retries", "teacher_wait_timeout", "prefetch_depth", "top_k",
         "teacher_ids_encoding", "teacher_cache", "teacher_cache_offline",
     ),
-    "Loss": ("beta", "temperature", "tail", "sft_alpha"),
+    "Loss": ("beta", "temperature", "tail", "sft_alpha", "fused_loss"),
+    "LoRA": ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "export"),
     "GKD schedule and generation": ("lmbda", "seq_kd", "max_new_tokens", "generation_temperature"),
     "Schedule, checkpoints, evaluation": (
         "max_steps", "logging_steps", "save_steps", "resume_from_checkpoint", "eval_dataset", "eval_split",
@@ -185,14 +186,38 @@ class TrainerConfig:
         default=0.5,
     )
     temperature: float = _help(
-        "softmax temperature on both sides; 1 keeps the teacher's raw log-probs exact", default=1.0
+        "softmax temperature on both sides; a teacher service that applies it (transformers engine) sends its rows "
+        "and tail at this temperature, others send raw rows tempered over the top-k (--tail renorm)",
+        default=1.0,
     )
     tail: Literal["renorm", "tail"] = _help(
-        "mass outside the top-k: one extra 'tail' class (default; needs --temperature 1) or renormalize over the top-k",
+        "mass outside the top-k: one extra 'tail' class (default; at --temperature != 1 needs a teacher that applies "
+        "it) or renormalize over the top-k",
         default="tail",
     )
     sft_alpha: float = _help(
         "weight of the cross-entropy on dataset completions added to the GKD loss (same token mean)", default=0.0
+    )
+    fused_loss: bool = _help(
+        "compute the loss from the student's final hidden states and output layer in row chunks, never building "
+        "[rows, vocab] logits or their gradient (--no_fused_loss: through the logits; an in-process teacher's "
+        "full-vocabulary rows always are)",
+        default=True,
+    )
+
+    # --- LoRA
+    lora_r: int = _help("LoRA rank (peft); 0 trains every weight of the student", default=0)
+    lora_alpha: float = _help("LoRA scaling numerator (the update is scaled by lora_alpha / lora_r)", default=32.0)
+    lora_dropout: float = _help("dropout on the LoRA branch's input", default=0.05)
+    lora_target_modules: str = _help(
+        "modules that get adapters: comma-separated names (q_proj,v_proj) or peft's 'all-linear' (every linear "
+        "layer but the output layer)",
+        default="all-linear",
+    )
+    export: Literal["merged", "adapter"] = _help(
+        "with LoRA, what output_dir/final holds: the adapter merged into a plain model (loads with "
+        "from_pretrained), or the adapter alone (peft's save_pretrained)",
+        default="merged",
     )
 
     # --- GKD schedule and generation
@@ -260,10 +285,26 @@ class TrainerConfig:
             self.teacher_urls  # noqa: B018 -- parses and checks --teacher / --teacher_url now, naming the flag
         if self.teacher_wait_timeout <= 0:
             raise ValueError(f"--teacher_wait_timeout must be > 0 seconds, got {self.teacher_wait_timeout}")
-        if not self.local_teacher and self.tail == "tail" and self.temperature != 1.0:
+        if not self.local_teacher and self.tail == "tail" and self.temperature != 1.0 and self.teacher_api != "gkd":
             raise ValueError(
-                "--tail tail needs --temperature 1 (the teacher's tail mass is known at temperature 1 only); "
-                "use --tail renorm with other temperatures"
+                "--tail tail at --temperature != 1 needs the teacher's rows at that temperature, which a vLLM "
+                "server does not compute (--teacher_api vllm); use --tail renorm, or --teacher_api gkd"
+            )
+        if (
+            not self.local_teacher
+            and self.fused_loss
+            and self.tail == "tail"
+            and self.temperature != 1.0
+            and self.sft_alpha > 0
+        ):
+            raise ValueError(
+                "--fused_loss takes --sft_alpha with --tail tail at --temperature 1 only (the cross-entropy needs the "
+                "temperature-1 normalizer); pass --no_fused_loss, --tail renorm or --temperature 1"
+            )
+        if self.teacher_cache is not None and self.tail == "tail" and self.temperature != 1.0:
+            raise ValueError(
+                "--teacher_cache holds raw (temperature 1) rows, whose tail is known at temperature 1 only: "
+                "--tail tail at --temperature != 1 needs --tail renorm or no cache"
             )
         if self.teacher_cache is not None and self.local_teacher:
             raise ValueError("--teacher_cache holds a teacher service's top-k rows; not --teacher_model_name_or_path")
@@ -294,6 +335,14 @@ class TrainerConfig:
                 f"--max_completion_length {self.max_completion_length} leaves no room for the prompt inside "
                 f"--max_length {self.max_length} (the total)"
             )
+        if self.lora_r < 0:
+            raise ValueError(f"--lora_r must be >= 0 (0 = no LoRA), got {self.lora_r}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.lora_r and not self.lora_target_modules_list:
+            raise ValueError("--lora_target_modules names no module")
+        if self.export == "adapter" and not self.lora_r:
+            raise ValueError("--export adapter needs a LoRA run (--lora_r > 0)")
         if self.sft_alpha < 0:
             raise ValueError(f"--sft_alpha must be >= 0, got {self.sft_alpha}")
         if not 0.0 <= self.lmbda <= 1.0:
@@ -341,6 +390,13 @@ class TrainerConfig:
     def first_teacher_url(self) -> str:
         """The first replica of the one teacher: where generation (``--seq_kd``) and the cache's handshake go."""
         return next(iter(self.teacher_urls.values()))[0]
+
+    @property
+    def lora_target_modules_list(self) -> list[str] | str:
+        """``--lora_target_modules`` as peft takes it: ``"all-linear"`` or a list of names."""
+        if self.lora_target_modules.strip() == "all-linear":
+            return "all-linear"
+        return [m.strip() for m in self.lora_target_modules.split(",") if m.strip()]
 
     @property
     def local_teacher(self) -> bool:

@@ -170,7 +170,9 @@ class TeacherPool:
         logprobs_dtype: LogprobDtype = "float16",
         return_target_logprobs: bool = False,
         return_tail_logmass: bool = False,
+        **options: Any,
     ) -> TopkFrame:
+        """The replica's ``topk_logprobs``; ``options`` (e.g. ``temperature``) are passed on as they are."""
         return await self.call(
             lambda client: client.topk_logprobs(
                 sequences,
@@ -180,6 +182,7 @@ class TeacherPool:
                 logprobs_dtype=logprobs_dtype,
                 return_target_logprobs=return_target_logprobs,
                 return_tail_logmass=return_tail_logmass,
+                **options,
             )
         )
 

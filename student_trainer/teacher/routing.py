@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from typing import Any
 
 from shared.codec import TopkFrame
 from student_trainer.teacher.base import AsyncTeacherClient, ServedModel
@@ -54,6 +55,7 @@ class TeacherRouter:
         *,
         row_spans: Sequence[Sequence[tuple[int, int]]],
         return_tail_logmass: bool = False,
+        **options: Any,
     ) -> TopkFrame:
         """The rows of ``row_spans`` of every sequence, each from its teacher; one frame in the batch's order."""
         groups: dict[str, list[int]] = {}
@@ -66,7 +68,7 @@ class TeacherRouter:
         if len(groups) == 1:
             ((name, _),) = groups.items()
             return await self.teachers[name].topk_logprobs(
-                sequences, top_k, row_spans=row_spans, return_tail_logmass=return_tail_logmass
+                sequences, top_k, row_spans=row_spans, return_tail_logmass=return_tail_logmass, **options
             )
         order = list(groups)
         frames = await asyncio.gather(
@@ -76,6 +78,7 @@ class TeacherRouter:
                     top_k,
                     row_spans=[row_spans[b] for b in groups[n]],
                     return_tail_logmass=return_tail_logmass,
+                    **options,
                 )
                 for n in order
             )

@@ -16,6 +16,7 @@ import torch
 from shared.codec import TopkFrame
 from student_trainer.data import Batch
 from student_trainer.loss import LossConfig, gkd_full_vocab_loss, gkd_topk_loss
+from student_trainer.modeling import FusedTargets
 
 T = TypeVar("T", covariant=True)
 
@@ -43,6 +44,8 @@ class TopkRows:
     """The service's top-k rows of one micro-batch (a decoded frame)."""
 
     frame: TopkFrame
+    tempered: bool = False
+    """The teacher computed the rows at the loss temperature (else they are raw, tempered by the loss)."""
 
     def gkd_loss(self, student_logits: torch.Tensor, loss: LossConfig) -> torch.Tensor:
         device = student_logits.device
@@ -55,10 +58,26 @@ class TopkRows:
             temperature=loss.temperature,
             tail=loss.tail,
             teacher_tail_logmass=None if tail is None else tail.to(device),
+            teacher_tempered=self.tempered,
         )
 
     def topk(self, k: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         return self.frame.token_ids[:, :k].to(device), self.frame.logprobs[:, :k].to(device)
+
+    def fused_targets(
+        self, device: torch.device, loss: LossConfig, labels: torch.Tensor | None, sft_alpha: float
+    ) -> FusedTargets:
+        """The rows as the fused output-layer loss takes them (the student's module computes the loss)."""
+        tail = self.frame.tail_logmass
+        return FusedTargets(
+            ids=self.frame.token_ids.to(device),
+            logprobs=self.frame.logprobs.to(device),
+            tail_logmass=None if tail is None else tail.to(device),
+            labels=labels,
+            loss=loss,
+            sft_alpha=sft_alpha,
+            tempered=self.tempered,
+        )
 
 
 @dataclass
