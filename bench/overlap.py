@@ -28,7 +28,7 @@ from demo.tiny import build_assets
 from student_trainer.data import Batch, ShardedBatches, load_jsonl
 from student_trainer.loss import LossConfig
 from student_trainer.modeling import RowLogitsLM
-from student_trainer.teacher import TeacherClient
+from student_trainer.teacher import TeacherClient, TeacherRouter
 from student_trainer.teacher.feed import TeacherFeed
 from student_trainer.teacher.prefetch import TeacherPrefetcher
 from student_trainer.teacher.rows import TeacherRows, TopkRows
@@ -66,8 +66,8 @@ def main() -> None:
     env = {"OMP_NUM_THREADS": str(args.threads)}
     with TeacherProcess(teacher_dir, extra_args=["--max-top-k", str(args.top_k)], env=env) as server:
 
-        def make_prefetcher() -> TeacherPrefetcher:
-            return TeacherPrefetcher(lambda: TeacherClient(server.url), depth=2)
+        def make_prefetcher() -> TeacherPrefetcher[TeacherRouter]:
+            return TeacherPrefetcher(lambda: TeacherRouter({"default": TeacherClient(server.url)}), depth=2)
 
         # (1) teacher alone
         pre = make_prefetcher()
@@ -78,7 +78,9 @@ def main() -> None:
             t0 = time.perf_counter()
             frames.append(
                 pre.run(
-                    pre.client.topk_logprobs(b.sequences, args.top_k, row_spans=b.row_spans, return_tail_logmass=True)
+                    pre.client.topk_logprobs(
+                        b.teachers, b.sequences, args.top_k, row_spans=b.row_spans, return_tail_logmass=True
+                    )
                 )
             )
             if i >= warm:

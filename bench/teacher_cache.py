@@ -23,7 +23,7 @@ from bench.common import machine
 from demo.tiny import build_assets
 from shared.teacher_cache import CacheContext, TeacherCache
 from student_trainer.data import Batch, collate, load_jsonl
-from student_trainer.teacher import ServiceTeacher, TeacherClient, TeacherPrefetcher
+from student_trainer.teacher import ServiceTeacher, TeacherClient, TeacherPrefetcher, TeacherRouter
 from student_trainer.teacher.cache import CachedTeacher
 from teacher_service.process import TeacherProcess
 
@@ -61,7 +61,8 @@ def main() -> None:
     ):
 
         def service() -> ServiceTeacher:
-            return ServiceTeacher(TeacherPrefetcher(lambda: TeacherClient(server.url)), args.k, True, prefetch=False)
+            prefetcher = TeacherPrefetcher(lambda: TeacherRouter({"default": TeacherClient(server.url)}))
+            return ServiceTeacher(prefetcher, args.k, True, prefetch=False)
 
         live = service()
         live.request(batches[0]).result()  # warm-up

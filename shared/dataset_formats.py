@@ -48,6 +48,10 @@ class DataSpec:
     max_completion_length: int | None = None
     assistant_turns: Literal["all", "last"] = "all"
     truncation: Truncation = "keep_end"
+    teacher_column: str | None = None
+    """The column naming each row's teacher (``--teacher_column``), when there are named teachers."""
+    teachers: tuple[str, ...] = ()
+    """The ``--teacher`` names a row may give."""
 
 
 def detect_format(columns: Sequence[str], forced: DatasetFormat = "auto") -> str:

@@ -44,9 +44,9 @@ FLAG_GROUPS: dict[str, tuple[str, ...]] = {
         "streaming", "group_by_length", "seed",
     ),
     "Teacher": (
-        "teacher_url", "teacher_api", "teacher_model_name_or_path", "teacher_api_key_env", "teacher_timeout",
-        "teacher_max_retries", "prefetch_depth", "top_k", "teacher_ids_encoding", "teacher_cache",
-        "teacher_cache_offline",
+        "teacher_url", "teacher", "teacher_column", "teacher_api", "teacher_model_name_or_path", "teacher_api_key_env",
+        "teacher_timeout", "teacher_max_retries", "teacher_wait_timeout", "prefetch_depth", "top_k",
+        "teacher_ids_encoding", "teacher_cache", "teacher_cache_offline",
     ),
     "Loss": ("beta", "temperature", "tail", "sft_alpha", "fused_loss"),
     "LoRA": ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "export"),
@@ -58,6 +58,10 @@ FLAG_GROUPS: dict[str, tuple[str, ...]] = {
     "DeepSpeed": ("deepspeed_config", "bf16", "local_rank"),
 }  # fmt: skip
 """Every :class:`TrainerConfig` field under one heading, in the order the docs list them."""
+
+
+LIST_FLAGS = frozenset({"teacher"})
+"""Flags that take several values (a YAML list)."""
 
 
 def _help(text: str, **kwargs: Any) -> Any:
@@ -118,7 +122,19 @@ class TrainerConfig:
 
     # --- teacher
     teacher_url: str | None = _help(
-        f"teacher service base URL (default: $TEACHER_URL or {DEFAULT_TEACHER_URL})", default=None
+        f"teacher service base URL (default: $TEACHER_URL or {DEFAULT_TEACHER_URL}); several, comma-separated, are "
+        "replicas of one teacher; an http host name with several addresses (a headless Service) is expanded to "
+        "them and re-resolved every 30 s",
+        default=None,
+    )
+    teacher: list[str] | None = _help(
+        "a named teacher, NAME=URL[,URL...] (repeatable): each dataset row goes to the teacher its "
+        "--teacher_column names; instead of --teacher_url",
+        default=None,
+    )
+    teacher_column: str = _help(
+        "dataset column naming each row's --teacher (a row without one needs exactly one --teacher)",
+        default="teacher",
     )
     teacher_api: Literal["gkd", "vllm"] = _help(
         "gkd: this project's /v1/topk_logprobs (binary frames); vllm: any /v1/completions server "
@@ -135,7 +151,14 @@ class TrainerConfig:
     )
     teacher_timeout: float = _help("seconds per teacher request", default=120.0)
     teacher_max_retries: int = _help(
-        "retries of a transient teacher failure (connection, 429, 502-504) before training stops", default=5
+        "retries of a teacher overload (429, 502-504) before the replica is ejected and the request goes to "
+        "another (or waits, up to --teacher_wait_timeout, for one to be ready)",
+        default=5,
+    )
+    teacher_wait_timeout: float = _help(
+        "seconds the trainer waits, on the step it is on, for an unavailable teacher to be ready again; "
+        "past it, it saves a checkpoint and exits",
+        default=900.0,
     )
     prefetch_depth: int = _help(
         "teacher requests in flight ahead of the micro-batch being trained; 0 = fetch when needed", default=2
@@ -252,12 +275,17 @@ class TrainerConfig:
             raise ValueError(f"--beta must be in [0, 1], got {self.beta}")
         if self.temperature <= 0:
             raise ValueError(f"--temperature must be > 0, got {self.temperature}")
-        if self.local_teacher and self.teacher_url is not None:
-            raise ValueError("--teacher_url and --teacher_model_name_or_path are alternatives; give one")
+        given = [f for f in ("teacher_url", "teacher", "teacher_model_name_or_path") if getattr(self, f) is not None]
+        if len(given) > 1:
+            raise ValueError(f"{' and '.join('--' + f for f in given)} are alternatives; give one")
         if self.local_teacher and self.teacher_api != "gkd":
             raise ValueError("--teacher_api applies to a teacher service, not to --teacher_model_name_or_path")
-        if not self.local_teacher and self.teacher_url is None:
+        if not self.local_teacher and self.teacher_url is None and self.teacher is None:
             self.teacher_url = os.environ.get("TEACHER_URL", DEFAULT_TEACHER_URL)
+        if not self.local_teacher:
+            self.teacher_urls  # noqa: B018 -- parses and checks --teacher / --teacher_url now, naming the flag
+        if self.teacher_wait_timeout <= 0:
+            raise ValueError(f"--teacher_wait_timeout must be > 0 seconds, got {self.teacher_wait_timeout}")
         if not self.local_teacher and self.tail == "tail" and self.temperature != 1.0 and self.teacher_api != "gkd":
             raise ValueError(
                 "--tail tail at --temperature != 1 needs the teacher's rows at that temperature, which a vLLM "
@@ -286,6 +314,10 @@ class TrainerConfig:
                 "--teacher_cache needs --teacher_api gkd: a vLLM server publishes no tokenizer fingerprint or model "
                 "revision to key the cache on"
             )
+        if self.teacher is not None and self.teacher_cache is not None:
+            raise ValueError("--teacher_cache keys its rows by one teacher: not with several --teacher")
+        if self.teacher is not None and self.seq_kd and not self.local_teacher:
+            raise ValueError("--seq_kd through the service needs one teacher to generate: not with --teacher")
         if self.teacher_cache_offline and self.teacher_cache is None:
             raise ValueError("--teacher_cache_offline needs --teacher_cache DIR")
         if self.teacher_cache_offline and self.seq_kd:
@@ -340,6 +372,27 @@ class TrainerConfig:
             raise ValueError("--eval_steps needs --eval_file (--eval_dataset) or --eval_fraction")
 
     @property
+    def teacher_urls(self) -> dict[str, list[str]]:
+        """Teacher name -> its replicas' URLs (``--teacher``), or the one unnamed teacher of ``--teacher_url``."""
+        if self.teacher is None:
+            assert self.teacher_url is not None
+            return {DEFAULT_TEACHER: _urls("--teacher_url", self.teacher_url)}
+        teachers: dict[str, list[str]] = {}
+        for spec in self.teacher:
+            name, sep, urls = spec.partition("=")
+            if not sep or not re.fullmatch(r"[\w.-]+", name):
+                raise ValueError(f"--teacher {spec!r}: expected NAME=URL[,URL...] (a name of letters, digits, _.-)")
+            if name in teachers:
+                raise ValueError(f"--teacher {name} is given twice")
+            teachers[name] = _urls(f"--teacher {name}", urls)
+        return teachers
+
+    @property
+    def first_teacher_url(self) -> str:
+        """The first replica of the one teacher: where generation (``--seq_kd``) and the cache's handshake go."""
+        return next(iter(self.teacher_urls.values()))[0]
+
+    @property
     def lora_target_modules_list(self) -> list[str] | str:
         """``--lora_target_modules`` as peft takes it: ``"all-linear"`` or a list of names."""
         if self.lora_target_modules.strip() == "all-linear":
@@ -378,6 +431,8 @@ class TrainerConfig:
             max_completion_length=self.max_completion_length,
             assistant_turns=self.assistant_turns,
             truncation=self.truncation,
+            teacher_column=self.teacher_column if self.teacher is not None else None,
+            teachers=tuple(self.teacher_urls) if self.teacher is not None else (),
         )
 
     @property
@@ -388,6 +443,21 @@ class TrainerConfig:
     def to_dict(self) -> dict[str, Any]:
         """The resolved settings, for the run's log (the parsed DeepSpeed config is logged by DeepSpeed)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+
+
+DEFAULT_TEACHER = "default"
+"""The name of the one teacher of ``--teacher_url`` (in logs and messages)."""
+
+
+def _urls(flag: str, value: str) -> list[str]:
+    """Comma-separated http(s) URLs, each checked."""
+    urls = [u.strip() for u in value.split(",") if u.strip()]
+    if not urls:
+        raise ValueError(f"{flag} names no URL")
+    for url in urls:
+        if not re.match(r"https?://[^/\s]+", url):
+            raise ValueError(f"{flag}: {url!r} is not an http:// or https:// URL")
+    return urls
 
 
 def _check_choices(config: TrainerConfig) -> None:
@@ -413,6 +483,9 @@ def build_parser() -> HfArgumentParser:
         TrainerConfig, prog="student_trainer", description=DESCRIPTION, formatter_class=_HelpFormatter
     )
     parser.add_argument("--config", help="YAML file whose keys are these flag names; command-line flags override it")
+    for action in parser._actions:
+        if action.dest == "teacher":  # repeatable (`--teacher a=URL --teacher b=URL`), not last-one-wins
+            action.__class__ = argparse._ExtendAction
     return parser
 
 
@@ -447,6 +520,9 @@ def _apply_yaml(parser: HfArgumentParser, path: str) -> None:
     for key, value in data.items():
         if key not in names:
             parser.error(f"--config {path}: unknown key {key!r} (keys are flag names, e.g. top_k)")
+        if isinstance(value, list) and names[key] in LIST_FLAGS:
+            defaults[names[key]] = [str(v) for v in value]
+            continue
         if isinstance(value, (list, dict)):
             parser.error(f"--config {path}: {key} must be a single value")
         defaults[names[key]] = None if value is None else str(value)

@@ -27,9 +27,8 @@ def teacher_generator(config: TrainerConfig, teacher: Teacher) -> TeacherGenerat
         return None
     if isinstance(teacher, LocalTeacher):
         return teacher
-    assert config.teacher_url is not None  # TrainerConfig fills in the default
     return ServiceGenerator(
-        config.teacher_url,
+        config.first_teacher_url,
         timeout=config.teacher_timeout,
         api_key=os.environ.get(config.teacher_api_key_env) or None,
         max_retries=config.teacher_max_retries,

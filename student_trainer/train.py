@@ -8,6 +8,7 @@ import logging
 import sys
 import time
 from collections.abc import Iterator, Sequence
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +37,10 @@ from student_trainer.preemption import PREEMPTED_EXIT_CODE, Preempted, StopSigna
 from student_trainer.rollout import TeacherGenerator, generated_step, teacher_generator
 from student_trainer.schedule import step_source
 from student_trainer.step import LogWindow, NonFiniteLossError, train_step
-from student_trainer.teacher import LocalTeacher, Teacher, TeacherError, open_teacher
+from student_trainer.teacher import LocalTeacher, Teacher, TeacherError, TeacherOutageError, open_teacher
 from student_trainer.teacher.cache import open_cached_teacher
 from student_trainer.teacher.feed import TeacherFeed
+from student_trainer.teacher.outage import await_step_rows
 
 logger = logging.getLogger("student_trainer")
 
@@ -52,7 +54,9 @@ def train(config: TrainerConfig, stop: StopSignal | None = None) -> dict[str, fl
     import deepspeed
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    # a rank waiting out a teacher outage holds the others in a collective: their timeout must outlast the wait
+    collective_timeout = timedelta(seconds=config.teacher_wait_timeout + 2 * config.teacher_timeout + 600)
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", timeout=collective_timeout)
     rank = dist.get_rank()
     logging.basicConfig(
         level=logging.INFO if rank == 0 else logging.WARNING,
@@ -224,14 +228,23 @@ def loop(
         for step in range(start_step + 1, config.max_steps + 1):
             # fetch: this step's micro-batches; dataset steps' teacher rows are already in flight
             source = step_source(config.seed, step, config.lmbda, config.seq_kd)
+            before = feed.consumed_state
             items = feed.take(gas)
             if source != "dataset":  # generate completions, each scored by the teacher as soon as it exists
                 items = generated_step(
                     config, source, [b for b, _ in items], engine, teacher, tokenizer, step, generator
                 )
+            # teacher rows: an outage is waited out here; past --teacher_wait_timeout every rank stops together
+            # (an in-process teacher computes its rows in the step, one micro-batch at a time, and has no outage)
+            try:
+                waited = 0.0 if isinstance(teacher, LocalTeacher) else await_step_rows(items, engine.device)
+            except TeacherOutageError:
+                save_checkpoint(engine, out_dir / CHECKPOINTS_DIR, step - 1, before)
+                raise
             # forward/backward: the GKD loss (plus sft_alpha x CE on dataset steps), one optimizer step
             sft_alpha = config.sft_alpha if source == "dataset" else 0.0
             stats = train_step(engine, items, config.loss, sft_alpha, step=step, fused_loss=config.fused_loss)
+            stats.teacher_wait_s += waited
             window.add(stats, on_policy=source == "student")
             # preempted (SIGTERM on any rank): every rank stops after this same step, with a checkpoint
             stopping = step < config.max_steps and stop.agreed(engine.device)
@@ -308,6 +321,14 @@ def main() -> None:
                 PREEMPTED_EXIT_CODE,
             )
         sys.exit(PREEMPTED_EXIT_CODE)
+    except TeacherOutageError as exc:
+        logger.error(
+            "training stopped: %s; a checkpoint of the last step is in %s (resume with --resume_from_checkpoint "
+            "auto once the teacher is back)",
+            exc,
+            Path(config.output_dir) / CHECKPOINTS_DIR,
+        )
+        sys.exit(3)
     except (TeacherError, NonFiniteLossError, DataError) as exc:
         logger.error("training stopped: %s", exc)
         sys.exit(2)

@@ -82,10 +82,10 @@ class FakeEngine(TeacherEngine):
 
 
 @contextlib.contextmanager
-def serve_in_thread(app: FastAPI) -> Iterator[str]:
-    """A real uvicorn server for ``app`` on a free loopback port, in a thread; yields its base URL."""
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+def serve_in_thread(app: FastAPI, port: int | None = None, host: str = "127.0.0.1") -> Iterator[str]:
+    """A real uvicorn server for ``app`` on a free loopback port (or ``port``), in a thread; yields its base URL."""
+    port = port or free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -94,7 +94,7 @@ def serve_in_thread(app: FastAPI) -> Iterator[str]:
             raise RuntimeError("in-thread uvicorn did not start")
         time.sleep(0.02)
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield f"http://{host}:{port}"
     finally:
         server.should_exit = True
         thread.join(timeout=30)
@@ -139,7 +139,7 @@ COMPOSE_GPU = REPO / "docker-compose.gpu.yml"
 DOCKERFILES = sorted(DEPLOY.glob("Dockerfile.*"))
 
 # In-cluster and in-compose addresses of the teacher.
-CLUSTER_TEACHER_URL = f"http://gkd-teacher:{DEFAULT_PORT}"
+CLUSTER_TEACHER_URL = f"http://gkd-teacher-replicas:{DEFAULT_PORT}"  # the headless Service: one replica per pod
 COMPOSE_TEACHER_URL = f"http://teacher:{DEFAULT_PORT}"
 
 # Values for the variables that the Compose files require or default.

@@ -14,11 +14,13 @@ class Example:
     input_ids: list[int]
     row_spans: tuple[RowSpan, ...]
     """Rows of the loss (row j predicts token j+1): one span per assistant turn, or one per completion."""
+    teacher: str | None = None
+    """The named teacher (``--teacher``) that scores it; None: the run's one teacher."""
 
     @classmethod
-    def completion(cls, input_ids: list[int], prompt_len: int) -> Example:
+    def completion(cls, input_ids: list[int], prompt_len: int, teacher: str | None = None) -> Example:
         """A prompt of ``prompt_len`` tokens followed by a completion that is trained on in full."""
-        return cls(list(input_ids), ((prompt_len - 1, len(input_ids) - 1),))
+        return cls(list(input_ids), ((prompt_len - 1, len(input_ids) - 1),), teacher)
 
 
 @dataclass
@@ -29,6 +31,8 @@ class Batch:
     sequences: list[list[int]]
     data_state: dict[str, int] = field(default_factory=dict)
     """Position of the data iterator just after this batch (what a checkpoint must record)."""
+    teachers: list[str | None] = field(default_factory=list)
+    """Each sequence's named teacher (None: the run's one teacher); empty: all None."""
 
     @property
     def num_target_tokens(self) -> int:
@@ -45,11 +49,21 @@ class Batch:
 
     def with_completions(self, prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> Batch:
         """These prompts with generated completions, trained on in full; the data position is kept."""
-        batch = collate([Example.completion(p + c, len(p)) for p, c in zip(prompts, completions, strict=True)], pad_id)
+        teachers = self.teachers or [None] * len(prompts)
+        batch = collate(
+            [Example.completion(p + c, len(p), t) for p, c, t in zip(prompts, completions, teachers, strict=True)],
+            pad_id,
+        )
         batch.data_state = self.data_state
         return batch
 
 
 def collate(examples: list[Example], pad_id: int) -> Batch:
     ids, mask = pad_sequences([e.input_ids for e in examples], pad_id)
-    return Batch(ids, mask, [list(e.row_spans) for e in examples], [e.input_ids for e in examples])
+    return Batch(
+        ids,
+        mask,
+        [list(e.row_spans) for e in examples],
+        [e.input_ids for e in examples],
+        teachers=[e.teacher for e in examples],
+    )

@@ -100,7 +100,7 @@ class StreamingBatches:
                         raise DataError(f"{self.source} row {row['row'] + 1}: {row['error']}")
                     self.dropped += 1
                     continue
-                pending.append(Example(row["input_ids"], tuple(tuple(s) for s in row["row_spans"])))
+                pending.append(Example(row["input_ids"], tuple(tuple(s) for s in row["row_spans"]), row["teacher"]))
                 if len(pending) == self.micro_batch:
                     batch = collate(pending, self.pad_id)
                     batch.data_state = {"epoch": self.epoch, "stream": self.stream.state_dict()}

@@ -40,12 +40,30 @@ def _encode_row(row: dict[str, Any], index: int, fmt: str, tokenizer: Any, spec:
     index = row.get(ROW_INDEX, index)
     try:
         ids, spans, truncated = encode_example(row, fmt, tokenizer, spec)
+        teacher = route_row(row, spec)
     except RowError as exc:
         return {"input_ids": [], "row_spans": [], "length": 0, "loss_tokens": 0, "truncated": False,
-                "error": str(exc), "row": index}  # fmt: skip
+                "error": str(exc), "row": index, "teacher": None}  # fmt: skip
     loss_tokens = sum(end - start for start, end in spans)
     return {"input_ids": ids, "row_spans": [list(s) for s in spans], "length": len(ids), "loss_tokens": loss_tokens,
-            "truncated": truncated, "error": None, "row": index}  # fmt: skip
+            "truncated": truncated, "error": None, "row": index, "teacher": teacher}  # fmt: skip
+
+
+def route_row(row: dict[str, Any], spec: DataSpec) -> str | None:
+    """The named teacher of a row (``--teacher_column``); None where there are no named teachers."""
+    if spec.teacher_column is None:
+        return None
+    name = row.get(spec.teacher_column)
+    if name is None or name == "":
+        if len(spec.teachers) == 1:
+            return spec.teachers[0]
+        raise RowError(
+            f"no {spec.teacher_column!r} column value: with several --teacher ({', '.join(spec.teachers)}) "
+            "every row names its teacher"
+        )
+    if name not in spec.teachers:
+        raise RowError(f"{spec.teacher_column} {name!r} is not a --teacher name (known: {', '.join(spec.teachers)})")
+    return str(name)
 
 
 def encode_rows(rows: Any, tokenizer: Any, spec: DataSpec, num_proc: int | None = None) -> Any:
@@ -94,7 +112,7 @@ class ExampleTable(Sequence[Example]):
     """The encoded dataset read row by row from Arrow: memory-mapped, never all of it as Python lists."""
 
     def __init__(self, encoded: Any) -> None:
-        self._rows = encoded.select_columns(["input_ids", "row_spans"])
+        self._rows = encoded.select_columns(["input_ids", "row_spans", "teacher"])
         self.lengths: list[int] = list(encoded["length"])
 
     def __len__(self) -> int:
@@ -110,7 +128,7 @@ class ExampleTable(Sequence[Example]):
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
         row = self._rows[i]
-        return Example(row["input_ids"], tuple(tuple(s) for s in row["row_spans"]))
+        return Example(row["input_ids"], tuple(tuple(s) for s in row["row_spans"]), row["teacher"])
 
     def __iter__(self) -> Iterator[Example]:
         return (self[i] for i in range(len(self)))

@@ -3,9 +3,11 @@ and the in-process alternative.
 
 Layout (as httpx's ``_transports``): ``base`` holds the client contract and the HTTP plumbing;
 ``gkd`` (this project's binary API) and ``vllm`` (``/v1/completions`` with ``prompt_logprobs``)
-each import only the base; ``errors`` draws the exception tree. ``prefetch`` runs a client on a
-background event loop, ``feed`` requests micro-batches ahead of training, ``rows`` is what a
-step receives, ``service`` and ``local`` are the two teachers a run can have.
+each import only the base; ``errors`` draws the exception tree. ``pool`` spreads one teacher's
+requests over its replicas and waits out outages, ``routing`` sends each row to its named teacher,
+``prefetch`` runs them on a background event loop, ``feed`` requests micro-batches ahead of training,
+``outage`` lets every rank agree to stop, ``rows`` is what a step receives, ``service`` and ``local``
+are the two teachers a run can have.
 """
 
 from __future__ import annotations
@@ -19,13 +21,16 @@ from student_trainer.teacher.base import TOKENIZER_PROBE, AsyncTeacherClient, Ht
 from student_trainer.teacher.errors import (
     TeacherError,
     TeacherMismatchError,
+    TeacherOutageError,
     TeacherProtocolError,
     TeacherRequestError,
     TeacherUnavailableError,
 )
 from student_trainer.teacher.gkd import TeacherClient
 from student_trainer.teacher.local import LocalTeacher
+from student_trainer.teacher.pool import TeacherPool
 from student_trainer.teacher.prefetch import TeacherPrefetcher
+from student_trainer.teacher.routing import TeacherRouter
 from student_trainer.teacher.rows import Teacher, TeacherRows
 from student_trainer.teacher.service import ServiceTeacher
 from student_trainer.teacher.vllm import VllmTeacherClient
@@ -43,9 +48,12 @@ __all__ = [
     "TeacherClient",
     "TeacherError",
     "TeacherMismatchError",
+    "TeacherOutageError",
+    "TeacherPool",
     "TeacherPrefetcher",
     "TeacherProtocolError",
     "TeacherRequestError",
+    "TeacherRouter",
     "TeacherRows",
     "TeacherUnavailableError",
     "VllmTeacherClient",
@@ -71,36 +79,59 @@ def open_teacher(config: TrainerConfig, tokenizer: Any, vocab: int) -> Teacher:
     fingerprint = tokenizer_fingerprint(tokenizer)
     if config.teacher_model_name_or_path is not None:
         return LocalTeacher(config.teacher_model_name_or_path, fingerprint, vocab)
-    assert config.teacher_url is not None  # TrainerConfig fills in the default
-    url = config.teacher_url
     api_key = os.environ.get(config.teacher_api_key_env) or None
     wire = {"ids_encoding": config.teacher_ids_encoding} if config.teacher_api == "gkd" else {}
-    prefetcher = TeacherPrefetcher(
-        lambda: make_client(
+
+    def replica(url: str, host_header: str | None) -> AsyncTeacherClient:
+        return make_client(
             config.teacher_api,
             url,
             timeout=config.teacher_timeout,
             api_key=api_key,
             max_retries=config.teacher_max_retries,
+            connect_retries=1,  # a replica that refuses connections is ejected, not retried for seconds
+            host_header=host_header,
             **wire,
-        ),
-        depth=max(config.prefetch_depth, 1),
-    )
+        )
+
+    def router() -> TeacherRouter:
+        return TeacherRouter(
+            {
+                name: TeacherPool(urls, replica, name=name, wait_timeout=config.teacher_wait_timeout)
+                for name, urls in config.teacher_urls.items()
+            }
+        )
+
+    prefetcher = TeacherPrefetcher(router, depth=max(config.prefetch_depth, 1))
     try:
         probe = (TOKENIZER_PROBE, tokenizer(TOKENIZER_PROBE, add_special_tokens=False).input_ids)
-        info = prefetcher.run(prefetcher.client.check_compatible(vocab, fingerprint, config.top_k, probe=probe))
+        infos = prefetcher.run(prefetcher.client.check_compatible(vocab, fingerprint, config.top_k, probe=probe))
     except BaseException:
         prefetcher.close()
         raise
-    logger.info("teacher %r at %s (%s API)", info.model, url, config.teacher_api)
+    for name, info in infos.items():
+        pool = prefetcher.client.teachers[name]
+        assert isinstance(pool, TeacherPool)
+        logger.info(
+            "teacher %r: %r on %d replica(s) of %s (%s API)",
+            name,
+            info.model,
+            len(pool.replicas),
+            pool.base_url,
+            config.teacher_api,
+        )
     # Rows at the loss temperature from a teacher that computes them (exact tail there); else raw rows the
     # loss tempers itself, over the top-k only (--tail renorm).
     # The teacher cache holds raw rows (its key says temperature 1), so a cached run asks for those.
+    # Named teachers: all of them must compute tempered rows, or none is asked for them.
     at_teacher = (
-        config.temperature != 1.0 and getattr(info, "applies_temperature", False) and config.teacher_cache is None
+        config.temperature != 1.0
+        and all(getattr(i, "applies_temperature", False) for i in infos.values())
+        and config.teacher_cache is None
     )
     if config.temperature != 1.0 and config.tail == "tail" and not at_teacher:
         prefetcher.close()
+        info = next((i for i in infos.values() if not getattr(i, "applies_temperature", False)), info)
         engine = getattr(info, "engine", "vLLM")
         raise TeacherMismatchError(
             f"--tail tail at --temperature {config.temperature} needs the teacher's tail at that temperature, and "

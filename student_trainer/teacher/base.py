@@ -67,6 +67,10 @@ class AsyncTeacherClient(Protocol):
         the frame then carries the spans). Neither: every row."""
         ...
 
+    async def ready(self) -> bool:
+        """One readiness probe, no retries: whether the teacher would answer now."""
+        ...
+
     async def aclose(self) -> None: ...
 
 
@@ -74,7 +78,15 @@ _C = TypeVar("_C", bound="HttpTeacher")
 
 
 class HttpTeacher:
-    """Pooled connections and retries of transient failures, for the concrete clients to build on."""
+    """Pooled connections and retries of transient failures, for the concrete clients to build on.
+
+    ``connect_retries`` (default ``max_retries``) bounds the retries of a connection failure alone:
+    a replica pool sets it low, so that a dead replica is ejected at once rather than after the backoff.
+    ``host_header`` addresses a replica by IP under its Service's name (headless Service expansion).
+    """
+
+    READY_PATH = "/ready"
+    """Answers 200 once the teacher serves (the subclass for stock vLLM uses ``/health``)."""
 
     def __init__(
         self,
@@ -84,12 +96,16 @@ class HttpTeacher:
         connect_timeout: float = 10.0,
         api_key: str | None = None,
         max_retries: int = 5,
+        connect_retries: int | None = None,
+        host_header: str | None = None,
         backoff_base: float = 0.5,
         backoff_max: float = 30.0,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        if host_header:
+            headers["Host"] = host_header
         self._http = httpx.AsyncClient(
             base_url=self.base_url,
             timeout=httpx.Timeout(timeout, connect=connect_timeout),
@@ -98,6 +114,7 @@ class HttpTeacher:
             transport=transport,
         )
         self.max_retries = max_retries
+        self.connect_retries = max_retries if connect_retries is None else connect_retries
         self.backoff_base = backoff_base
         self.backoff_max = backoff_max
 
@@ -110,6 +127,14 @@ class HttpTeacher:
     async def aclose(self) -> None:
         await self._http.aclose()
 
+    async def ready(self) -> bool:
+        """One GET of the readiness endpoint, no retries: 200 means ready; anything else, or no answer, not."""
+        try:
+            resp = await self._http.get(self.READY_PATH, timeout=5.0)
+        except httpx.TransportError:
+            return False
+        return resp.status_code == 200
+
     async def _request(self, method: str, path: str, **kwargs: object) -> httpx.Response:
         """One HTTP call with retries for transient failures only."""
         attempt = 0
@@ -117,7 +142,7 @@ class HttpTeacher:
             try:
                 resp = await self._http.request(method, path, **kwargs)  # type: ignore[arg-type]
             except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.ReadError) as exc:
-                if attempt >= self.max_retries:
+                if attempt >= self.connect_retries:
                     raise TeacherUnavailableError(
                         f"teacher at {self.base_url} unreachable after {attempt + 1} attempts: {exc!r}"
                     ) from exc

@@ -46,6 +46,7 @@ def _select(batch: Batch, idx: list[int]) -> Batch:
         [batch.row_spans[i] for i in idx],
         [batch.sequences[i] for i in idx],
         dict(batch.data_state),
+        teachers=[batch.teachers[i] for i in idx] if batch.teachers else [],
     )
 
 
@@ -137,8 +138,7 @@ def live_context(config: TrainerConfig) -> CacheContext:
 
     async def handshake() -> Any:
         api_key = os.environ.get(config.teacher_api_key_env) or None
-        assert config.teacher_url is not None
-        async with TeacherClient(config.teacher_url, api_key=api_key, timeout=config.teacher_timeout) as client:
+        async with TeacherClient(config.first_teacher_url, api_key=api_key, timeout=config.teacher_timeout) as client:
             return await client.info()
 
     info = asyncio.run(handshake())

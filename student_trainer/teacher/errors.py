@@ -2,6 +2,7 @@
 
 TeacherError                      the teacher could not supply the rows a step needs
 ├── TeacherUnavailableError       connection failures or overload (429/502-504) that outlasted the retries
+│   └── TeacherOutageError        no replica ready for --teacher_wait_timeout: the run saves and stops
 ├── TeacherRequestError           the teacher refused a request (4xx/500): retrying cannot help
 ├── TeacherProtocolError          the answer does not match the request, or the wire format
 └── TeacherMismatchError          handshake: this teacher cannot teach this student
@@ -16,6 +17,10 @@ class TeacherError(RuntimeError):
 
 class TeacherUnavailableError(TeacherError):
     """Connection failures or overload (429/502/503/504) that outlasted the retries."""
+
+
+class TeacherOutageError(TeacherUnavailableError):
+    """No replica of a teacher answered for ``--teacher_wait_timeout``: the trainer checkpoints and exits."""
 
 
 class TeacherRequestError(TeacherError):

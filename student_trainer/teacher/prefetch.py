@@ -11,15 +11,22 @@ import asyncio
 import concurrent.futures
 import threading
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
-
-from student_trainer.teacher.base import AsyncTeacherClient
+from typing import Generic, Protocol, TypeVar
 
 T = TypeVar("T")
 
 
-class TeacherPrefetcher:
-    def __init__(self, client_factory: Callable[[], AsyncTeacherClient], depth: int = 2) -> None:
+class Closable(Protocol):
+    async def aclose(self) -> None: ...
+
+
+C = TypeVar("C", bound=Closable)
+
+
+class TeacherPrefetcher(Generic[C]):
+    """Owns one client (a teacher client, or the router over named teachers) on its background loop."""
+
+    def __init__(self, client_factory: Callable[[], C], depth: int = 2) -> None:
         if depth < 1:
             raise ValueError(f"prefetch depth must be >= 1, got {depth}")
         self._loop = asyncio.new_event_loop()
@@ -27,17 +34,17 @@ class TeacherPrefetcher:
         self._thread.start()
         self._slots = threading.BoundedSemaphore(depth)
         self.depth = depth
-        self.client: AsyncTeacherClient = self.run(self._make(client_factory))
+        self.client: C = self.run(self._make(client_factory))
 
     @staticmethod
-    async def _make(factory: Callable[[], AsyncTeacherClient]) -> AsyncTeacherClient:
+    async def _make(factory: Callable[[], C]) -> C:
         return factory()  # on the loop: the client's connection pool belongs to it
 
     def run(self, coro: Awaitable[T]) -> T:
         """Run a coroutine on the background loop and wait for it (set-up calls, handshakes)."""
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()  # type: ignore[arg-type]
 
-    def submit(self, fn: Callable[[AsyncTeacherClient], Awaitable[T]]) -> concurrent.futures.Future[T]:
+    def submit(self, fn: Callable[[C], Awaitable[T]]) -> concurrent.futures.Future[T]:
         """Start ``fn(client)`` now; the returned future resolves to its result or raises its error."""
         self._slots.acquire()
         fut = asyncio.run_coroutine_threadsafe(fn(self.client), self._loop)  # type: ignore[arg-type]
@@ -60,7 +67,7 @@ class TeacherPrefetcher:
         self._thread.join(timeout=10)
         self._loop.close()
 
-    def __enter__(self) -> TeacherPrefetcher:
+    def __enter__(self) -> TeacherPrefetcher[C]:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -52,6 +52,8 @@ def parse_prompt_logprobs(
 class VllmTeacherClient(HttpTeacher):
     """Top-k rows from any server speaking vLLM's /v1/completions with prompt_logprobs."""
 
+    READY_PATH = "/health"  # stock vLLM has no /ready; /health answers 200 once the engine runs
+
     def __init__(self, base_url: str, **kwargs: Any) -> None:
         super().__init__(base_url, **kwargs)
         self._info: VllmInfo | None = None

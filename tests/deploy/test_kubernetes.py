@@ -82,7 +82,9 @@ def test_kubernetes_schema_check_can_fail(rendered: RenderedManifests) -> None:
 
 
 def one(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
-    found = [d for d in docs if d["kind"] == kind and d["metadata"]["name"].startswith(name)]
+    """The document of this kind named ``name`` (or, for generated names, ``name`` and a hash suffix)."""
+    found = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
+    found = found or [d for d in docs if d["kind"] == kind and d["metadata"]["name"].startswith(name)]
     assert len(found) == 1, f"{kind}/{name}: {len(found)} found"
     return found[0]
 
@@ -309,3 +311,25 @@ def test_a_preempted_trainer_pod_is_replaced_and_resumes(rendered: RenderedManif
         assert {"action": "Ignore", "onExitCodes": on_exit} in rules, variant
         disrupted = [{"type": "DisruptionTarget", "status": "True"}]
         assert {"action": "Ignore", "onPodConditions": disrupted} in rules, variant
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_trainer_balances_over_every_teacher_pod_through_a_headless_service(
+    rendered: RenderedManifests, variant: str
+) -> None:
+    """The trainer's --teacher_url names a headless Service of the teacher pods (one address per ready pod), so
+    it spreads requests over the replicas itself rather than over kube-proxy's per-connection choice."""
+    docs = rendered[variant]
+    teacher_labels = one(docs, "Deployment", "gkd-teacher")["spec"]["template"]["metadata"]["labels"]
+    for where, spec in pod_specs(docs):
+        for container in containers(spec):
+            argv = container.get("command", []) + container.get("args", [])
+            url = argv_value(argv, "--teacher_url")
+            if url is None:
+                continue
+            host, port = re.fullmatch(r"http://([\w-]+):(\d+)", url).groups()  # type: ignore[union-attr]
+            service = one(docs, "Service", host)["spec"]
+            assert service["clusterIP"] == "None", f"{where}: {host} is not headless"
+            assert service.get("publishNotReadyAddresses", False) is False, f"{where}: unready pods would get requests"
+            assert selects(service["selector"], teacher_labels)
+            assert [p["port"] for p in service["ports"]] == [int(port)] == [DEFAULT_PORT]

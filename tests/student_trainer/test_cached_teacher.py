@@ -15,7 +15,7 @@ from shared.teacher_cache import TeacherCache
 from student_trainer.config import TrainerConfig
 from student_trainer.data import Batch, ShardedBatches, load_jsonl
 from student_trainer.loss import LossConfig
-from student_trainer.teacher import ServiceTeacher, TeacherClient, TeacherPrefetcher
+from student_trainer.teacher import ServiceTeacher, TeacherClient, TeacherPrefetcher, TeacherRouter
 from student_trainer.teacher.cache import CachedTeacher, TeacherCacheMissError, live_context, open_cached_teacher
 from student_trainer.teacher.rows import Handle, TeacherRows, TopkRows
 from teacher_service.process import TeacherProcess
@@ -41,7 +41,8 @@ class Counting:
 
 
 def _service(url: str) -> ServiceTeacher:
-    return ServiceTeacher(TeacherPrefetcher(lambda: TeacherClient(url)), K, want_tail=True, prefetch=True)
+    prefetcher = TeacherPrefetcher(lambda: TeacherRouter({"default": TeacherClient(url)}))
+    return ServiceTeacher(prefetcher, K, want_tail=True, prefetch=True)
 
 
 def _config(tmp: Path, url: str, *extra: str, **kw: object) -> TrainerConfig:

@@ -10,7 +10,7 @@ from shared.codec import TopkFrame, encode_frame
 from shared.protocol import TOPK_MEDIA_TYPE, RequestLimits, TeacherInfo
 from student_trainer.data import Example, ShardedBatches
 from student_trainer.schedule import derived_seed, step_source
-from student_trainer.teacher import TeacherClient
+from student_trainer.teacher import TeacherClient, TeacherRouter
 from student_trainer.teacher.errors import TeacherUnavailableError
 from student_trainer.teacher.feed import TeacherFeed
 from student_trainer.teacher.prefetch import TeacherPrefetcher
@@ -114,8 +114,11 @@ def test_teacher_down_mid_feed_raises_a_typed_error_and_fills_nothing() -> None:
         answered.append(1)
         return httpx.Response(200, content=_frame(2, 2), headers={"content-type": TOPK_MEDIA_TYPE})
 
+    transport = httpx.MockTransport(handler)
     prefetcher = TeacherPrefetcher(
-        lambda: TeacherClient("http://t", transport=httpx.MockTransport(handler), max_retries=2, backoff_base=0.001),
+        lambda: TeacherRouter(
+            {"default": TeacherClient("http://t", transport=transport, max_retries=2, backoff_base=0.001)}
+        ),
         depth=2,
     )
     teacher = ServiceTeacher(prefetcher, top_k=2, want_tail=False, prefetch=True)
