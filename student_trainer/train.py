@@ -70,11 +70,15 @@ def train(config: TrainerConfig, stop: StopSignal | None = None) -> dict[str, fl
 
     tokenizer = AutoTokenizer.from_pretrained(config.model_name_or_path)
     vocab = int(AutoConfig.from_pretrained(config.model_name_or_path).vocab_size)
+
     # refuses a teacher of another tokenizer before weights load; --teacher_cache puts the cache in front of it
+    def interrupted() -> bool:  # a SIGTERM ends a wait for the teacher: the run checkpoints and exits instead
+        return stop.requested
+
     teacher: Teacher = (
-        open_cached_teacher(config, tokenizer, vocab, lambda: open_teacher(config, tokenizer, vocab))
+        open_cached_teacher(config, tokenizer, vocab, lambda: open_teacher(config, tokenizer, vocab, interrupted))
         if config.teacher_cache is not None
-        else open_teacher(config, tokenizer, vocab)
+        else open_teacher(config, tokenizer, vocab, interrupted)
     )
     generator = teacher_generator(config, teacher)  # --seq_kd: in process, or through the service
     lora = None
@@ -240,6 +244,8 @@ def loop(
                 waited = 0.0 if isinstance(teacher, LocalTeacher) else await_step_rows(items, engine.device)
             except TeacherOutageError:
                 save_checkpoint(engine, out_dir / CHECKPOINTS_DIR, step - 1, before)
+                if stop.agreed(engine.device):  # preempted while waiting: a restart resumes from this checkpoint
+                    raise Preempted(step - 1, out_dir / CHECKPOINTS_DIR / checkpoint_tag(step - 1)) from None
                 raise
             # forward/backward: the GKD loss (plus sft_alpha x CE on dataset steps), one optimizer step
             sft_alpha = config.sft_alpha if source == "dataset" else 0.0

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from shared.fingerprint import tokenizer_fingerprint
@@ -74,7 +75,9 @@ def make_client(api: str, base_url: str, **kwargs: Any) -> AsyncTeacherClient:
     return CLIENTS[api](base_url, **kwargs)
 
 
-def open_teacher(config: TrainerConfig, tokenizer: Any, vocab: int) -> Teacher:
+def open_teacher(
+    config: TrainerConfig, tokenizer: Any, vocab: int, interrupted: Callable[[], bool] = lambda: False
+) -> Teacher:
     """The run's teacher, checked against the student's tokenizer before any student weights load."""
     fingerprint = tokenizer_fingerprint(tokenizer)
     if config.teacher_model_name_or_path is not None:
@@ -97,7 +100,9 @@ def open_teacher(config: TrainerConfig, tokenizer: Any, vocab: int) -> Teacher:
     def router() -> TeacherRouter:
         return TeacherRouter(
             {
-                name: TeacherPool(urls, replica, name=name, wait_timeout=config.teacher_wait_timeout)
+                name: TeacherPool(
+                    urls, replica, name=name, wait_timeout=config.teacher_wait_timeout, interrupted=interrupted
+                )
                 for name, urls in config.teacher_urls.items()
             }
         )

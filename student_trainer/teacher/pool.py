@@ -110,6 +110,7 @@ class TeacherPool:
         probe_backoff: tuple[float, float] = (0.5, 10.0),
         log_interval: float = 30.0,
         resolver: Resolver = resolve_addresses,
+        interrupted: Callable[[], bool] = lambda: False,
     ) -> None:
         if not urls:
             raise ValueError(f"teacher {name!r} has no URL")
@@ -118,6 +119,7 @@ class TeacherPool:
         self.name, self._factory, self._resolver = name, factory, resolver
         self.wait_timeout, self.max_age, self.resolve_interval = wait_timeout, max_age, resolve_interval
         self.probe_backoff, self.log_interval = probe_backoff, log_interval
+        self.interrupted = interrupted  # e.g. SIGTERM: a preempted trainer saves its checkpoint instead of waiting
         self.replicas: list[Replica] = []
         self._info: ServedModel | None = None
         self._check: Callable[[AsyncTeacherClient], Awaitable[ServedModel]] | None = None
@@ -248,6 +250,11 @@ class TeacherPool:
         """Return once a replica is admitted; log every ``log_interval``; give up after ``wait_timeout``."""
         while not any(r.admitted for r in self.replicas):
             waited = time.monotonic() - since
+            if self.interrupted():
+                raise TeacherOutageError(
+                    f"teacher {self.name!r} ({self.base_url}) unavailable for {waited:.0f} s when the trainer was "
+                    f"told to stop; {self._errors()}"
+                )
             if waited >= self.wait_timeout:
                 raise TeacherOutageError(
                     f"teacher {self.name!r} ({self.base_url}) unavailable for {waited:.0f} s, longer than "

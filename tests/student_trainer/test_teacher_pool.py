@@ -150,6 +150,29 @@ def test_an_outage_past_the_wait_timeout_raises() -> None:
     assert run(scenario) >= 1.0
 
 
+def test_a_stop_request_ends_the_wait_early() -> None:
+    """A SIGTERM (``interrupted``) during an outage ends the wait at once, so the preempted trainer still has its
+    grace period to save a checkpoint instead of waiting up to --teacher_wait_timeout."""
+    down = contextlib.ExitStack()
+    url = down.enter_context(service(MarkedEngine()))
+    told: list[bool] = []
+
+    async def scenario() -> float:
+        pool = make_pool([url], wait_timeout=60.0, interrupted=lambda: bool(told))
+        try:
+            await pool.check_compatible(VOCAB, FINGERPRINT, K)
+            await asyncio.to_thread(down.close)
+            asyncio.get_running_loop().call_later(0.5, told.append, True)
+            started = time.monotonic()
+            with pytest.raises(TeacherOutageError, match="when the trainer was told to stop"):
+                await pool.topk_logprobs(SEQS, K, first_rows=[1, 1])
+            return time.monotonic() - started
+        finally:
+            await pool.aclose()
+
+    assert run(scenario) < 30.0  # not the 60 s wait
+
+
 def test_a_mix_of_teachers_is_refused() -> None:
     with service(MarkedEngine(name="teacher-a")) as a, service(MarkedEngine(name="teacher-b")) as b:
 
