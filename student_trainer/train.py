@@ -29,6 +29,7 @@ from student_trainer.checkpoint import (
 from student_trainer.config import TrainerConfig, parse_args
 from student_trainer.data import DataError, DataSource, Example, ShardedBatches, StreamingBatches, load_examples
 from student_trainer.data.sources import split_off_eval, stream_for_rank
+from student_trainer.distributed import init_distributed
 from student_trainer.evaluate import sharded_eval
 from student_trainer.logs import RunLog, quiet_upstream_warnings
 from student_trainer.lora import lora_config, with_lora
@@ -56,7 +57,7 @@ def train(config: TrainerConfig, stop: StopSignal | None = None) -> dict[str, fl
 
     # a rank waiting out a teacher outage holds the others in a collective: their timeout must outlast the wait
     collective_timeout = timedelta(seconds=config.teacher_wait_timeout + 2 * config.teacher_timeout + 600)
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", timeout=collective_timeout)
+    init_distributed(collective_timeout)
     rank = dist.get_rank()
     logging.basicConfig(
         level=logging.INFO if rank == 0 else logging.WARNING,

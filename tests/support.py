@@ -107,7 +107,11 @@ def launch(
     assets: TinyAssets, out: Path, *extra: str, ranks: int = 2, timeout: float = 600, dataset: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
     cmd = trainer_command(assets, out, *extra, ranks=ranks, dataset=dataset)
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    port = cmd[cmd.index("--master_port") + 1]
+    left = sorted(p.name for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+    assert not left, f"the run left DeepSpeed's shared memory behind: {left}"
+    return proc
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
