@@ -13,6 +13,7 @@ from shared.alignment import next_token_labels
 from student_trainer.data import Batch
 from student_trainer.loss import LossConfig, completion_cross_entropy
 from student_trainer.normalization import all_reduce_sum, loss_scale
+from student_trainer.sampled_kl import sampled_kl_loss
 from student_trainer.teacher.rows import Handle, TeacherRows
 
 
@@ -42,11 +43,13 @@ def train_step(
     loss: LossConfig,
     sft_alpha: float = 0.0,
     step: int = 0,
+    objective: str = "gkd",
 ) -> StepStats:
     """Forward and backward every micro-batch of one step; DeepSpeed steps the optimizer after the last one.
 
     The loss is normalized by the loss tokens of the whole step on all ranks (not per micro-batch).
     ``sft_alpha`` > 0 adds the cross-entropy on the micro-batches' completions (dataset steps only).
+    ``objective`` ``sampled_kl`` (``--loss``) trains on the teacher's log-probs of the sampled tokens instead.
     """
     device = engine.device
     stats = StepStats()
@@ -61,7 +64,11 @@ def train_step(
         b_idx, t_idx = batch.row_index(device)
         input_ids = batch.input_ids.to(device)
         logits = engine(input_ids, batch.attention_mask.to(device), b_idx, t_idx)
-        gkd_sum = rows.gkd_loss(logits, loss).sum()
+        if objective == "sampled_kl":
+            labels = next_token_labels(input_ids, b_idx, t_idx)
+            gkd_sum = sampled_kl_loss(logits, labels, rows.label_logprobs(labels)).sum()
+        else:
+            gkd_sum = rows.gkd_loss(logits, loss).sum()
         loss_sum = gkd_sum
         if sft_alpha > 0:
             ce_sum = completion_cross_entropy(logits, next_token_labels(input_ids, b_idx, t_idx)).sum()

@@ -28,7 +28,8 @@ from student_trainer.data.sources import split_off_eval, stream_for_rank
 from student_trainer.evaluate import sharded_eval
 from student_trainer.logs import RunLog, quiet_upstream_warnings
 from student_trainer.modeling import RowLogitsLM
-from student_trainer.rollout import generated_step
+from student_trainer.rollout import OnPolicy, generated_step, sampling_for, stop_ids
+from student_trainer.rollouts import open_rollout_engine
 from student_trainer.schedule import step_source
 from student_trainer.step import LogWindow, NonFiniteLossError, train_step
 from student_trainer.teacher import LocalTeacher, Teacher, TeacherError, open_teacher
@@ -57,6 +58,7 @@ def train(config: TrainerConfig) -> dict[str, float]:
     tokenizer = AutoTokenizer.from_pretrained(config.model_name_or_path)
     vocab = int(AutoConfig.from_pretrained(config.model_name_or_path).vocab_size)
     teacher = open_teacher(config, tokenizer, vocab)  # refuses a teacher of another tokenizer before weights load
+    on_policy: OnPolicy | None = None
     try:
         torch.manual_seed(config.seed)
         student = RowLogitsLM(AutoModelForCausalLM.from_pretrained(config.model_name_or_path, dtype=torch.float32))
@@ -65,6 +67,18 @@ def train(config: TrainerConfig) -> dict[str, float]:
         )
         if isinstance(teacher, LocalTeacher):
             teacher.load(engine.device, torch.bfloat16 if config.bf16 else torch.float32)
+        if config.lmbda > 0:  # after deepspeed.initialize: a colocated vLLM engine joins torch.distributed
+            rollouts = open_rollout_engine(
+                config.rollout_engine,
+                engine,
+                config.model_name_or_path,
+                max_model_len=min(config.max_length, engine.module.model.config.max_position_embeddings),
+                seed=config.seed,
+                kv_cache_bytes=int(config.rollout_kv_cache_gib * 2**30),
+                dtype="bfloat16" if config.bf16 else "float32",
+            )
+            sampling = sampling_for(config, stop_ids(engine.module.model, tokenizer), tokenizer.pad_token_id)
+            on_policy = OnPolicy(config, engine, rollouts, teacher, sampling)
         batches, eval_examples = load_data(config, tokenizer, engine.train_micro_batch_size_per_gpu())
         start_step = 0
         if config.resume_from_checkpoint is not None:
@@ -82,12 +96,20 @@ def train(config: TrainerConfig) -> dict[str, float]:
                 engine.gradient_accumulation_steps(), engine.zero_optimization_stage(), start_step + 1,
                 config.max_steps,
             )  # fmt: skip
-        summary = loop(config, engine, teacher, tokenizer, batches, eval_examples, start_step)
+        summary = loop(config, engine, teacher, tokenizer, batches, eval_examples, start_step, on_policy)
+    except BaseException:
+        if on_policy is not None:
+            on_policy.close()
+        raise
     finally:
         teacher.close()
-    if not config.no_export:
-        export_pretrained(engine, tokenizer, out_dir / "final")
-    dist.barrier()
+    try:
+        if not config.no_export:
+            export_pretrained(engine, tokenizer, out_dir / "final")
+        dist.barrier()
+    finally:
+        if on_policy is not None:  # last: a vLLM engine's shutdown destroys the torch.distributed process group
+            on_policy.close()
     return summary
 
 
@@ -151,8 +173,13 @@ def loop(
     batches: ShardedBatches | StreamingBatches,
     eval_examples: Sequence[Example] | None,
     start_step: int,
+    on_policy: OnPolicy | None = None,
 ) -> dict[str, float]:
-    """Steps ``start_step + 1 .. max_steps``; returns the last log record and evaluation."""
+    """Steps ``start_step + 1 .. max_steps``; returns the last log record and evaluation.
+
+    With ``--async_rollouts`` the next step's micro-batches are taken from the feed before this step trains
+    (their completions are sampled meanwhile); a checkpoint still records the data position of this step's.
+    """
     is_main, gas = dist.get_rank() == 0, engine.gradient_accumulation_steps()
     out_dir = Path(config.output_dir)
     feed = TeacherFeed(  # requests the teacher rows of dataset steps `prefetch_depth` micro-batches ahead
@@ -164,21 +191,44 @@ def loop(
         total=config.max_steps, initial=start_step, desc="distilling", unit="step", disable=not is_main, mininterval=1.0
     )
     started, window, last = time.perf_counter(), LogWindow(), {}
+    ahead: tuple[int, list[Any], dict[str, int]] | None = None  # the next step's micro-batches, taken early
     try:
         for step in range(start_step + 1, config.max_steps + 1):
             # fetch: this step's micro-batches; dataset steps' teacher rows are already in flight
             source = step_source(config.seed, step, config.lmbda, config.seq_kd)
-            items = feed.take(gas)
-            if source != "dataset":  # generate completions, each scored by the teacher as soon as it exists
-                items = generated_step(config, source, [b for b, _ in items], engine, teacher, tokenizer, step)
+            if ahead is not None and ahead[0] == step:
+                _, items, data_state = ahead
+            else:
+                items = feed.take(gas)
+                data_state = feed.consumed_state
+            if source == "student":  # the student's samples, each scored by the teacher as soon as it exists
+                assert on_policy is not None
+                items = on_policy.items(step, [b for b, _ in items])
+            elif source == "teacher":
+                sampling = sampling_for(config, (tokenizer.eos_token_id,), tokenizer.pad_token_id)
+                items, _ = generated_step(config, source, [b for b, _ in items], None, teacher, sampling, step)
+            # async rollouts: the next on-policy step samples from the weights before this step's update
+            nxt = step + 1
+            if (
+                config.async_rollouts
+                and nxt <= config.max_steps
+                and step_source(config.seed, nxt, config.lmbda, config.seq_kd) == "student"
+            ):
+                assert on_policy is not None
+                ahead = (nxt, feed.take(gas), feed.consumed_state)
+                on_policy.launch(nxt, [b for b, _ in ahead[1]], version=step - 1)
             # forward/backward: the GKD loss (plus sft_alpha x CE on dataset steps), one optimizer step
             sft_alpha = config.sft_alpha if source == "dataset" else 0.0
-            stats = train_step(engine, items, config.loss, sft_alpha, step=step)
+            objective = config.loss_type if source == "student" else "gkd"
+            stats = train_step(engine, items, config.loss, sft_alpha, step=step, objective=objective)
             window.add(stats, on_policy=source == "student")
             # log: token means over every rank since the last record
             if step % config.logging_steps == 0 or step == config.max_steps:
                 last = window.record(engine.device, with_ce=config.sft_alpha > 0)
                 last.update(lr=float(engine.get_lr()[0]), elapsed_s=time.perf_counter() - started)
+                if on_policy is not None:  # rank 0's rollout timings and staleness
+                    last.update(on_policy.stats.record())
+                    on_policy.stats.reset()
                 run_log.write("train", step, last)
                 bar.set_postfix(
                     loss=f"{last['loss']:.4f}",
@@ -188,7 +238,7 @@ def loop(
                 window = LogWindow()
             # checkpoint: the data position of the last micro-batch consumed, not of the prefetched ones
             if config.save_steps and step % config.save_steps == 0:
-                save_checkpoint(engine, out_dir / CHECKPOINTS_DIR, step, feed.consumed_state)
+                save_checkpoint(engine, out_dir / CHECKPOINTS_DIR, step, data_state)
             # evaluate
             if eval_examples is not None and config.eval_steps and step % config.eval_steps == 0:
                 last = {**last, **evaluate(config, engine, teacher, tokenizer, eval_examples, run_log, step)}

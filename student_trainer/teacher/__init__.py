@@ -27,7 +27,7 @@ from student_trainer.teacher.gkd import TeacherClient
 from student_trainer.teacher.local import LocalTeacher
 from student_trainer.teacher.prefetch import TeacherPrefetcher
 from student_trainer.teacher.rows import Teacher, TeacherRows
-from student_trainer.teacher.service import ServiceTeacher
+from student_trainer.teacher.service import OnPolicyRows, ServiceTeacher
 from student_trainer.teacher.vllm import VllmTeacherClient
 
 if TYPE_CHECKING:
@@ -84,11 +84,31 @@ def open_teacher(config: TrainerConfig, tokenizer: Any, vocab: int) -> Teacher:
         ),
         depth=max(config.prefetch_depth, 1),
     )
+    on_policy_rows: OnPolicyRows = "topk"
+    if config.lmbda > 0 and config.loss_type == "sampled_kl":
+        on_policy_rows = "sampled_only"
+    elif config.lmbda > 0 and config.sampled_token_class:
+        on_policy_rows = "sampled_class"
+    top_k = config.top_k + 1 if on_policy_rows == "sampled_class" else config.top_k
     try:
         probe = (TOKENIZER_PROBE, tokenizer(TOKENIZER_PROBE, add_special_tokens=False).input_ids)
-        info = prefetcher.run(prefetcher.client.check_compatible(vocab, fingerprint, config.top_k, probe=probe))
+        info = prefetcher.run(prefetcher.client.check_compatible(vocab, fingerprint, top_k, probe=probe))
+    except TeacherMismatchError as exc:
+        prefetcher.close()
+        if top_k == config.top_k:
+            raise
+        raise TeacherMismatchError(
+            f"{exc} (on-policy steps ask for --top_k + 1 = {top_k} rows for --sampled_token_class: "
+            "lower --top_k or pass --no_sampled_token_class)"
+        ) from exc
     except BaseException:
         prefetcher.close()
         raise
     logger.info("teacher %r at %s (%s API)", info.model, url, config.teacher_api)
-    return ServiceTeacher(prefetcher, config.top_k, want_tail=config.tail == "tail", prefetch=config.prefetch_depth > 0)
+    return ServiceTeacher(
+        prefetcher,
+        config.top_k,
+        want_tail=config.tail == "tail",
+        prefetch=config.prefetch_depth > 0,
+        on_policy_rows=on_policy_rows,
+    )
