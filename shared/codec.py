@@ -12,6 +12,12 @@ A frame is written at the lowest version that holds it (a frame without spans is
 the tensors and metadata a format 1 writer sends), so a client that reads only format 1
 keeps working for requests without spans.
 
+Format 3 adds compact encodings a request opts into (:mod:`shared.packing`): ``token_ids_packed`` uint8
+(the ids bit-packed at ``id_bits`` bits, named in the metadata) instead of ``token_ids``, and/or
+``logprobs_q8`` uint8 [N, k] with ``logprobs_top`` and ``logprobs_step`` float32 [N] instead of ``logprobs``.
+Either makes the frame format 3; decoding unpacks them into the same :class:`TopkFrame` (int32 ids;
+float32 log-probs from q8), so nothing after the decoder knows how the frame travelled.
+
 Encoding uses the safetensors library; decoding parses the header once and returns
 zero-copy views over the received bytes, which ``safetensors.torch.load`` (it copies
 every tensor and drops the metadata) does not offer for in-memory buffers.
@@ -28,6 +34,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from safetensors.torch import save
 
+from shared import packing
 from shared.alignment import RowSpan, first_rows_of_spans, rows_of_spans, span_row_offsets
 from shared.protocol import FORMAT_VERSIONS
 
@@ -38,6 +45,7 @@ _DTYPES: dict[str, torch.dtype] = {
     "BF16": torch.bfloat16,
     "I64": torch.int64,
     "I32": torch.int32,
+    "U8": torch.uint8,
 }
 LOGPROB_DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
@@ -48,6 +56,9 @@ LOGPROB_DTYPES: dict[str, torch.dtype] = {
 
 _EXTRAS = ("target_logprobs", "tail_logmass", "target_ranks")
 _SPAN_TENSORS = ("row_spans", "span_offsets")
+_Q8_TENSORS = ("logprobs_q8", "logprobs_top", "logprobs_step")
+IDS_ENCODINGS = ("int32", "packed")
+"""How token ids travel: int32 (zero-copy), or bit-packed at ceil(log2 V) bits (format 3)."""
 
 
 def _joined_offsets(offsets: list[torch.Tensor]) -> torch.Tensor:
@@ -312,15 +323,37 @@ class TopkFrame:
             raise FrameError("first_rows differ from the start of each sequence's first span")
 
 
-def encode_frame(frame: TopkFrame) -> bytes:
-    """The frame's bytes, written as format 2 when it carries spans and as format 1 otherwise."""
+def encode_frame(
+    frame: TopkFrame, *, ids_encoding: str = "int32", vocab_size: int | None = None, logprobs_q8: bool = False
+) -> bytes:
+    """The frame's bytes, at the lowest format that holds them: 3 with packed ids or q8 log-probs, else 2 when
+    it carries spans, else 1. ``ids_encoding="packed"`` needs ``vocab_size`` (ids take ceil(log2 V) bits)."""
     frame.validate()
-    tensors = {
-        "token_ids": frame.token_ids.to(torch.int32).contiguous(),
-        "logprobs": frame.logprobs.contiguous(),
-        "row_offsets": frame.row_offsets.to(torch.int64).contiguous(),
-        "first_rows": frame.first_rows.to(torch.int64).contiguous(),
-    }
+    if ids_encoding not in IDS_ENCODINGS:
+        raise ValueError(f"ids_encoding {ids_encoding!r}; expected one of {IDS_ENCODINGS}")
+    metadata = dict(frame.metadata)
+    tensors: dict[str, torch.Tensor] = {}
+    if ids_encoding == "packed":
+        if vocab_size is None:
+            raise ValueError("packed ids need the vocabulary size")
+        bits = packing.id_bits(vocab_size)
+        stream = packing.pack_ids(frame.token_ids.numpy(), bits)
+        tensors["token_ids_packed"] = torch.from_numpy(stream)
+        metadata["id_bits"] = str(bits)
+        metadata["top_k"] = str(frame.top_k)  # the column count, when logprobs are absent too
+    else:
+        tensors["token_ids"] = frame.token_ids.to(torch.int32).contiguous()
+    if logprobs_q8:
+        codes, top, step = packing.quantize_logprobs(frame.logprobs.float().numpy())
+        tensors.update(
+            logprobs_q8=torch.from_numpy(codes),
+            logprobs_top=torch.from_numpy(top),
+            logprobs_step=torch.from_numpy(step),
+        )
+    else:
+        tensors["logprobs"] = frame.logprobs.contiguous()
+    tensors["row_offsets"] = frame.row_offsets.to(torch.int64).contiguous()
+    tensors["first_rows"] = frame.first_rows.to(torch.int64).contiguous()
     for name in _EXTRAS:
         extra = getattr(frame, name)
         if extra is not None:
@@ -330,12 +363,40 @@ def encode_frame(frame: TopkFrame) -> bytes:
         spans = getattr(frame, name)
         if spans is not None:
             tensors[name] = spans.to(torch.int64).contiguous()
-    metadata = {**frame.metadata, "format_version": str(frame.format_version)}
+    compact = ids_encoding != "int32" or logprobs_q8
+    metadata["format_version"] = "3" if compact else str(frame.format_version)
     return save(tensors, metadata=metadata)
 
 
-def decode_frame(data: bytes | bytearray | memoryview) -> TopkFrame:
-    """Parse a frame; tensors are read-only views into ``data`` (no copy)."""
+def _unpacked_ids(tensors: dict[str, torch.Tensor], metadata: dict[str, str], rows: int) -> torch.Tensor:
+    """int32 [N, k] from ``token_ids_packed`` and the metadata's ``id_bits`` and ``top_k``."""
+    try:
+        bits, k = int(metadata["id_bits"]), int(metadata["top_k"])
+    except (KeyError, ValueError) as exc:
+        raise FrameError(f"packed token ids need integer id_bits and top_k in the metadata: {exc!r}") from exc
+    try:
+        ids = packing.unpack_ids(tensors["token_ids_packed"].numpy(), bits, rows * k)
+    except ValueError as exc:
+        raise FrameError(f"token_ids_packed: {exc}") from exc
+    return torch.from_numpy(ids).view(rows, k)
+
+
+def _dequantized(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    missing = [n for n in _Q8_TENSORS if n not in tensors]
+    if missing:
+        raise FrameError(f"8-bit log-probs need {list(_Q8_TENSORS)}; the frame lacks {missing}")
+    codes, top, step = (tensors[n].numpy() for n in _Q8_TENSORS)
+    if codes.ndim != 2 or top.shape != (codes.shape[0],) or step.shape != (codes.shape[0],):
+        raise FrameError(f"logprobs_q8 {codes.shape}, logprobs_top {top.shape}, logprobs_step {step.shape} disagree")
+    return torch.from_numpy(packing.dequantize_logprobs(codes, top, step))
+
+
+def decode_frame(data: bytes | bytearray | memoryview, *, validate: bool = True) -> TopkFrame:
+    """Parse a frame; tensors are read-only views into ``data`` (no copy; packed columns are unpacked).
+
+    ``validate=False`` skips the consistency checks of offsets and spans, for bytes checked before (a cache
+    record behind its checksum, validated when written; the caller validates what it assembles from them).
+    """
     buf = memoryview(data)
     if len(buf) < 8:
         raise FrameError("frame shorter than its 8-byte header length")
@@ -353,21 +414,28 @@ def decode_frame(data: bytes | bytearray | memoryview) -> TopkFrame:
         raise FrameError(f"frame format_version {version!r}, this client reads {' and '.join(readable)}")
     body = buf[8 + header_len :]
     tensors: dict[str, torch.Tensor] = {}
-    for name, spec in header.items():
-        dtype = _DTYPES.get(spec["dtype"])
-        if dtype is None:
-            raise FrameError(f"tensor {name!r} has unsupported dtype {spec['dtype']}")
-        start, end = spec["data_offsets"]
-        shape = spec["shape"]
-        if end > len(body) or start > end:
-            raise FrameError(f"tensor {name!r} data [{start}, {end}) is outside the frame")
-        if start == end:
-            tensors[name] = torch.empty(shape, dtype=dtype)
-        else:
-            with warnings.catch_warnings():
-                # Views over immutable bytes are read-only by contract; torch warns regardless.
-                warnings.filterwarnings("ignore", message="The given buffer is not writable")
+    with warnings.catch_warnings():
+        # Views over immutable bytes are read-only by contract; torch warns regardless.
+        warnings.filterwarnings("ignore", message="The given buffer is not writable")
+        for name, spec in header.items():
+            dtype = _DTYPES.get(spec["dtype"])
+            if dtype is None:
+                raise FrameError(f"tensor {name!r} has unsupported dtype {spec['dtype']}")
+            start, end = spec["data_offsets"]
+            shape = spec["shape"]
+            if end > len(body) or start > end:
+                raise FrameError(f"tensor {name!r} data [{start}, {end}) is outside the frame")
+            if start == end:
+                tensors[name] = torch.empty(shape, dtype=dtype)
+            else:
                 tensors[name] = torch.frombuffer(body[start:end], dtype=dtype).view(shape)
+    compact = sorted(tensors.keys() & {"token_ids_packed", *_Q8_TENSORS})
+    if compact and version != "3":
+        raise FrameError(f"packed ids and 8-bit log-probs are format 3; this format {version} frame has {compact}")
+    if "logprobs_q8" in tensors:
+        tensors["logprobs"] = _dequantized(tensors)
+    if "token_ids_packed" in tensors and "logprobs" in tensors:
+        tensors["token_ids"] = _unpacked_ids(tensors, metadata, int(tensors["logprobs"].shape[0]))
     missing = {"token_ids", "logprobs", "row_offsets", "first_rows"} - tensors.keys()
     if missing:
         raise FrameError(f"frame lacks tensors {sorted(missing)}")
@@ -376,6 +444,8 @@ def decode_frame(data: bytes | bytearray | memoryview) -> TopkFrame:
         raise FrameError(f"a format 1 frame carries no row spans, this one has {span_tensors}")
     if version == "2" and len(span_tensors) != len(_SPAN_TENSORS):
         raise FrameError(f"a format 2 frame carries row_spans and span_offsets, this one has {span_tensors}")
+    if version == "3" and len(span_tensors) not in (0, len(_SPAN_TENSORS)):
+        raise FrameError(f"row_spans and span_offsets come together, this frame has {span_tensors}")
     frame = TopkFrame(
         token_ids=tensors["token_ids"],
         logprobs=tensors["logprobs"],
@@ -388,5 +458,6 @@ def decode_frame(data: bytes | bytearray | memoryview) -> TopkFrame:
         span_offsets=tensors.get("span_offsets"),
         metadata=metadata,
     )
-    frame.validate()
+    if validate:
+        frame.validate()
     return frame

@@ -12,21 +12,24 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationInfo, fi
 
 from shared.alignment import RowSpan, as_row_spans, check_row_spans, first_rows_of_spans, spans_from_first_rows
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 """The newest binary frame layout: bumped whenever it changes incompatibly, and published in the handshake.
 
-2 adds row spans (``row_spans``, ``span_offsets``). A frame is written at the lowest version that holds it:
+2 adds row spans (``row_spans``, ``span_offsets``); 3 adds the compact encodings a request opts into
+(``ids_encoding="packed"``, ``logprobs_dtype="q8"``). A frame is written at the lowest version that holds it:
 the answer to a request without ``row_spans`` is still a version 1 frame, which a client that reads only
 version 1 decodes as before.
 """
 
-FORMAT_VERSIONS: tuple[int, ...] = (1, 2)
+FORMAT_VERSIONS: tuple[int, ...] = (1, 2, 3)
 """Frame versions this code reads."""
 
 TOPK_MEDIA_TYPE = "application/vnd.gkd-topk+safetensors"
 """Media type of the binary `/v1/topk_logprobs` answer (a safetensors byte frame)."""
 
-LogprobDtype = Literal["float16", "bfloat16", "float32"]
+LogprobDtype = Literal["float16", "bfloat16", "float32", "q8"]
+"""q8: 8-bit per-row quantized log-probs (format 3), error at most (row top - row lowest) / 508; see shared.packing."""
+IdsEncoding = Literal["int32", "packed"]
 
 
 class TopkRequest(BaseModel):
@@ -58,7 +61,20 @@ class TopkRequest(BaseModel):
             "[] for none. An alternative to first_rows. The answer is a format 2 frame carrying the spans."
         ),
     )
-    logprobs_dtype: LogprobDtype = Field(default="float16", description="Dtype of `logprobs` in the frame.")
+    logprobs_dtype: LogprobDtype = Field(
+        default="float16",
+        description=(
+            "Dtype of `logprobs` in the frame; q8: 8-bit per row (format 3), each log-prob within half a step "
+            "(row top - row lowest) / 508 of its value; offered where the handshake lists it in logprobs_dtypes."
+        ),
+    )
+    ids_encoding: IdsEncoding = Field(
+        default="int32",
+        description=(
+            "int32 token ids, or packed: bit-packed at ceil(log2 vocab_size) bits (a format 3 frame); offered "
+            "where the handshake lists it in ids_encodings."
+        ),
+    )
     return_target_logprobs: bool = Field(
         default=False, description="Add `target_logprobs`: log-prob of the actual next token per row."
     )
@@ -144,6 +160,17 @@ class TeacherInfo(BaseModel):
         description="Newest frame version the teacher writes; 2 and above take row_spans.",
     )
     engine: str
+    ids_encodings: list[IdsEncoding] = Field(
+        default=["int32"], description="ids_encoding values this teacher answers (older teachers: int32 only)."
+    )
+    logprobs_dtypes: list[LogprobDtype] = Field(
+        default=["float16", "bfloat16", "float32"], description="logprobs_dtype values this teacher answers."
+    )
+    model_revision: str | None = Field(
+        default=None,
+        description="What identifies the served weights (--model-revision, or a digest of the model directory's "
+        "config and sampled weight bytes): part of every teacher-cache key.",
+    )
 
 
 class ModelCard(BaseModel):

@@ -23,8 +23,8 @@ from typing import Any, Literal
 import yaml
 from transformers import HfArgumentParser
 
+from shared.dataset_formats import DatasetFormat, DataSpec, Truncation
 from student_trainer.checkpoint import resolve_resume
-from student_trainer.data.formats import DatasetFormat, DataSpec, Truncation
 from student_trainer.ds_config import DeepSpeedConfigError, load_deepspeed_config
 from student_trainer.loss import LossConfig
 
@@ -45,7 +45,8 @@ FLAG_GROUPS: dict[str, tuple[str, ...]] = {
     ),
     "Teacher": (
         "teacher_url", "teacher_api", "teacher_model_name_or_path", "teacher_api_key_env", "teacher_timeout",
-        "teacher_max_retries", "prefetch_depth", "top_k",
+        "teacher_max_retries", "prefetch_depth", "top_k", "teacher_ids_encoding", "teacher_cache",
+        "teacher_cache_offline",
     ),
     "Loss": ("loss_type", "beta", "temperature", "tail", "sft_alpha", "sampled_token_class"),
     "GKD schedule and generation": ("lmbda", "seq_kd", "max_new_tokens", "generation_temperature"),
@@ -126,7 +127,7 @@ class TrainerConfig:
     )
     teacher_model_name_or_path: str | None = _help(
         "in-process transformers teacher instead of a service: full-vocabulary loss, teacher forward "
-        "on every rank (comparison runs, small teachers); also what --seq_kd needs",
+        "on every rank (comparison runs, small teachers)",
         default=None,
     )
     teacher_api_key_env: str = _help(
@@ -140,6 +141,21 @@ class TrainerConfig:
         "teacher requests in flight ahead of the micro-batch being trained; 0 = fetch when needed", default=2
     )
     top_k: int = _help("teacher log-probs per position (vLLM's default max is 20)", default=20)
+    teacher_ids_encoding: Literal["auto", "int32", "packed"] = _help(
+        "token ids in the teacher's frames: auto = bit-packed at ceil(log2 V) bits where the teacher offers it "
+        "(0.71x the bytes at k=20, V=152k; lossless), int32 = zero-copy, packed = refuse a teacher without",
+        default="auto",
+    )
+    teacher_cache: str | None = _help(
+        "directory of the content-addressed teacher cache: rows found there are read, only misses are sent to "
+        "the teacher and written back, so a second epoch (or another run on the same data) asks the teacher "
+        "nothing; `gkd-teacher precompute` fills it offline",
+        default=None,
+    )
+    teacher_cache_offline: bool = _help(
+        "train from --teacher_cache alone, never contacting a teacher: a row missing from the cache stops training",
+        default=False,
+    )
 
     # --- loss
     loss_type: Literal["gkd", "sampled_kl"] = _help(
@@ -176,7 +192,8 @@ class TrainerConfig:
         default=0.0,
     )
     seq_kd: bool = _help(
-        "off-policy steps train on teacher-generated completions (needs --teacher_model_name_or_path)",
+        "off-policy steps train on teacher-generated completions (the in-process teacher's, or the teacher "
+        "service's through /v1/completions)",
         default=False,
     )
     max_new_tokens: int | None = _help("tokens generated per completion (needed for lmbda/seq_kd)", default=None)
@@ -252,6 +269,21 @@ class TrainerConfig:
                 "--tail tail needs --temperature 1 (the teacher's tail mass is known at temperature 1 only); "
                 "use --tail renorm with other temperatures"
             )
+        if self.teacher_cache is not None and self.local_teacher:
+            raise ValueError("--teacher_cache holds a teacher service's top-k rows; not --teacher_model_name_or_path")
+        if self.teacher_cache is not None and self.teacher_api != "gkd":
+            raise ValueError(
+                "--teacher_cache needs --teacher_api gkd: a vLLM server publishes no tokenizer fingerprint or model "
+                "revision to key the cache on"
+            )
+        if self.teacher_cache_offline and self.teacher_cache is None:
+            raise ValueError("--teacher_cache_offline needs --teacher_cache DIR")
+        if self.teacher_cache_offline and self.seq_kd:
+            raise ValueError("--seq_kd has the teacher generate completions: not with --teacher_cache_offline")
+        if self.teacher_cache_offline and self.lmbda > 0:
+            raise ValueError(
+                "--lmbda > 0 has the teacher score the student's samples: not with --teacher_cache_offline"
+            )
         for name, low in (("top_k", 1), ("prefetch_depth", 0), ("teacher_max_retries", 0)):
             if getattr(self, name) < low:
                 raise ValueError(f"--{name} must be >= {low}, got {getattr(self, name)}")
@@ -272,11 +304,6 @@ class TrainerConfig:
             raise ValueError(f"--lmbda must be in [0, 1], got {self.lmbda}")
         if self.generation_temperature < 0:
             raise ValueError(f"--generation_temperature must be >= 0, got {self.generation_temperature}")
-        if self.seq_kd and not self.local_teacher:
-            raise ValueError(
-                "--seq_kd needs a teacher that generates: the teacher service has no generation endpoint; "
-                "use --teacher_model_name_or_path DIR (in-process teacher)"
-            )
         if self.generates and self.max_new_tokens is None:
             raise ValueError(
                 f"--lmbda {self.lmbda}{' with --seq_kd' if self.seq_kd else ''} generates completions: "

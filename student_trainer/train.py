@@ -28,11 +28,19 @@ from student_trainer.data.sources import split_off_eval, stream_for_rank
 from student_trainer.evaluate import sharded_eval
 from student_trainer.logs import RunLog, quiet_upstream_warnings
 from student_trainer.modeling import RowLogitsLM
-from student_trainer.rollout import OnPolicy, generated_step, sampling_for, stop_ids
+from student_trainer.rollout import (
+    OnPolicy,
+    TeacherGenerator,
+    generated_step,
+    sampling_for,
+    stop_ids,
+    teacher_generator,
+)
 from student_trainer.rollouts import open_rollout_engine
 from student_trainer.schedule import step_source
 from student_trainer.step import LogWindow, NonFiniteLossError, train_step
 from student_trainer.teacher import LocalTeacher, Teacher, TeacherError, open_teacher
+from student_trainer.teacher.cache import open_cached_teacher
 from student_trainer.teacher.feed import TeacherFeed
 
 logger = logging.getLogger("student_trainer")
@@ -57,7 +65,13 @@ def train(config: TrainerConfig) -> dict[str, float]:
 
     tokenizer = AutoTokenizer.from_pretrained(config.model_name_or_path)
     vocab = int(AutoConfig.from_pretrained(config.model_name_or_path).vocab_size)
-    teacher = open_teacher(config, tokenizer, vocab)  # refuses a teacher of another tokenizer before weights load
+    # refuses a teacher of another tokenizer before weights load; --teacher_cache puts the cache in front of it
+    teacher: Teacher = (
+        open_cached_teacher(config, tokenizer, vocab, lambda: open_teacher(config, tokenizer, vocab))
+        if config.teacher_cache is not None
+        else open_teacher(config, tokenizer, vocab)
+    )
+    generator = teacher_generator(config, teacher)  # --seq_kd: in process, or through the service
     on_policy: OnPolicy | None = None
     try:
         torch.manual_seed(config.seed)
@@ -96,12 +110,14 @@ def train(config: TrainerConfig) -> dict[str, float]:
                 engine.gradient_accumulation_steps(), engine.zero_optimization_stage(), start_step + 1,
                 config.max_steps,
             )  # fmt: skip
-        summary = loop(config, engine, teacher, tokenizer, batches, eval_examples, start_step, on_policy)
+        summary = loop(config, engine, teacher, tokenizer, batches, eval_examples, start_step, generator, on_policy)
     except BaseException:
         if on_policy is not None:
             on_policy.close()
         raise
     finally:
+        if generator is not None and generator is not teacher:
+            generator.close()
         teacher.close()
     try:
         if not config.no_export:
@@ -173,6 +189,7 @@ def loop(
     batches: ShardedBatches | StreamingBatches,
     eval_examples: Sequence[Example] | None,
     start_step: int,
+    generator: TeacherGenerator | None = None,
     on_policy: OnPolicy | None = None,
 ) -> dict[str, float]:
     """Steps ``start_step + 1 .. max_steps``; returns the last log record and evaluation.
@@ -206,7 +223,9 @@ def loop(
                 items = on_policy.items(step, [b for b, _ in items])
             elif source == "teacher":
                 sampling = sampling_for(config, (tokenizer.eos_token_id,), tokenizer.pad_token_id)
-                items, _ = generated_step(config, source, [b for b, _ in items], None, teacher, sampling, step)
+                items, _ = generated_step(
+                    config, source, [b for b, _ in items], None, teacher, sampling, step, generator
+                )
             # async rollouts: the next on-policy step samples from the weights before this step's update
             nxt = step + 1
             if (

@@ -3,44 +3,21 @@
 from __future__ import annotations
 
 import argparse
-import logging
-import typing
+import sys
 from collections.abc import Sequence
 
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 from teacher_service.config import ServiceConfig
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def add_model_flags(parser: argparse.ArgumentParser, schema: type[BaseModel]) -> None:
-    """One flag per field, typed and documented from the schema (vLLM-style hyphenated names)."""
-    for name, field in schema.model_fields.items():
-        ann = field.annotation
-        kwargs: dict[str, typing.Any] = {"dest": name, "help": field.description or ""}
-        origin = typing.get_origin(ann)
-        if origin is typing.Literal:
-            kwargs["choices"] = list(typing.get_args(ann))
-        elif ann is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
-        elif ann in (int, float):
-            kwargs["type"] = ann
-        if field.is_required():
-            kwargs["required"] = True
-        else:
-            kwargs["default"] = field.default
-            kwargs["help"] += f" (default: {field.default})"
-        parser.add_argument(_flag(name), **kwargs)
+from teacher_service.flags import add_model_flags, configure_logging, flag_name
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The service's CLI, one flag per :class:`ServiceConfig` field (docs/teacher.md's reference is made from it)."""
     parser = argparse.ArgumentParser(
         prog="python -m teacher_service",
-        description="Serve a teacher LLM's top-k log-probs for knowledge distillation.",
+        description="Serve a teacher LLM's top-k log-probs for knowledge distillation. "
+        "`gkd-teacher precompute --help`: fill a teacher cache offline instead.",
     )
     add_model_flags(parser, ServiceConfig)
     return parser
@@ -53,31 +30,23 @@ def parse_config(argv: Sequence[str] | None = None) -> ServiceConfig:
         return ServiceConfig(**vars(args))
     except ValidationError as exc:
         first = exc.errors()[0]
-        parser.error(f"{_flag(str(first['loc'][0]))}: {first['msg']}")
+        parser.error(f"{flag_name(str(first['loc'][0]))}: {first['msg']}")
         raise  # unreachable: parser.error exits
 
 
-def configure_logging(level: str, fmt: str) -> None:
-    """Root logging with the request id on every line; ``json`` gives one JSON object per line."""
-    from teacher_service.middleware import RequestIdFilter
-
-    handler = logging.StreamHandler()
-    handler.addFilter(RequestIdFilter())
-    if fmt == "json":
-        from pythonjsonlogger.json import JsonFormatter
-
-        handler.setFormatter(JsonFormatter("%(asctime)s %(levelname)s %(name)s %(request_id)s %(message)s"))
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"))
-    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
-
-
 def main(argv: Sequence[str] | None = None) -> None:
+    """Serve (``gkd-teacher --model DIR ...``), or ``gkd-teacher precompute ...`` (:mod:`.precompute`)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["precompute"]:
+        from teacher_service.precompute import main as precompute
+
+        precompute(args[1:])
+        return
     import uvicorn
 
     from teacher_service.app import create_app
 
-    config = parse_config(argv)
+    config = parse_config(args)
     configure_logging(config.log_level, config.log_format)
     try:
         app = create_app(config)

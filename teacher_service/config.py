@@ -20,6 +20,11 @@ class ServiceConfig(BaseModel):
     served_model_name: str | None = Field(
         default=None, description="Name in /v1/models; default: the directory's name."
     )
+    model_revision: str | None = Field(
+        default=None,
+        description="What identifies the served weights in teacher-cache keys (a commit, a run id); default: a "
+        "digest of the model directory's config and sampled weight bytes.",
+    )
     engine: Literal["transformers", "vllm"] = Field(
         default="transformers",
         description="Backend: transformers (embedded default, CPU or one GPU) or vllm (production, multi-GPU).",

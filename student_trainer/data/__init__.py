@@ -1,7 +1,8 @@
 """Training data: datasets in the formats users bring, encoded into token ids and loss-row spans, batched per rank.
 
-``sources`` loads and encodes (``datasets``), ``formats`` turns one row into ids and a loss mask,
-``chat`` applies the student's chat template, ``batch`` holds examples and micro-batches,
+``sources`` loads and encodes (``datasets``); :mod:`shared.dataset_formats` turns one row into ids and a
+loss mask and :mod:`shared.chat` applies the student's chat template (shared with ``gkd-teacher precompute``,
+whose cache keys must be the trainer's); ``batch`` holds examples and micro-batches,
 ``sampling`` yields a rank's micro-batches with what a checkpoint needs to resume.
 """
 
@@ -10,9 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from shared.chat import RowError
+from shared.dataset_formats import DatasetFormat, DataSpec, Truncation
 from student_trainer.data.batch import Batch, Example, collate
-from student_trainer.data.chat import RowError
-from student_trainer.data.formats import DatasetFormat, DataSpec, Truncation
 from student_trainer.data.sampling import DataError, ShardedBatches, StreamingBatches
 from student_trainer.data.sources import DataSource, DataStats, ExampleTable, load_examples
 

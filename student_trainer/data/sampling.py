@@ -7,11 +7,10 @@ from typing import Any
 
 import torch
 
+from shared.dataset_formats import DataError  # one class for loading (shared) and batching errors
 from student_trainer.data.batch import Batch, Example, collate
 
-
-class DataError(ValueError):
-    """The data cannot be trained on as given (an invalid row, too few examples)."""
+__all__ = ["DataError", "ShardedBatches", "StreamingBatches"]
 
 
 class ShardedBatches:

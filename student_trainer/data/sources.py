@@ -1,8 +1,9 @@
 """Datasets from where users keep them, encoded once with ``datasets.map`` (cached), checked before training.
 
 ``--dataset`` is a local file (jsonl, json, parquet, csv, arrow), a folder written by
-``datasets.save_to_disk``, or a hub id for ``datasets.load_dataset``. Every row is encoded into
-token ids and row spans (:mod:`.formats`); an invalid row stops the run with the source, the row
+``datasets.save_to_disk``, or a hub id for ``datasets.load_dataset`` (:func:`shared.dataset_formats.load_rows`,
+shared with ``gkd-teacher precompute``). Every row is encoded into
+token ids and row spans (:mod:`shared.dataset_formats`); an invalid row stops the run with the source, the row
 number and what is wrong, unless ``--drop_invalid_rows`` drops it, and then it is counted.
 """
 
@@ -12,50 +13,26 @@ import logging
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, overload
 
+from shared.chat import RowError
+from shared.dataset_formats import DataError, DataSource, DataSpec, detect_format, encode_example, load_rows
 from student_trainer.data.batch import Example
-from student_trainer.data.chat import RowError
-from student_trainer.data.formats import DataSpec, detect_format, encode_example
-from student_trainer.data.sampling import DataError
 
 logger = logging.getLogger(__name__)
 
 ROW_INDEX = "_row"
 """A column numbering the rows before a stream is split over the ranks, so errors name the source's row."""
 
-BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
-"""File suffix -> the ``datasets`` builder that reads it."""
-
-
-@dataclass(frozen=True)
-class DataSource:
-    """Where rows come from: ``--dataset`` / ``--eval_dataset`` with their split."""
-
-    name: str
-    split: str = "train"
-    streaming: bool = False
-
-
-def load_rows(source: DataSource) -> Any:
-    """The source's rows as a ``datasets.Dataset`` (or ``IterableDataset`` when streaming)."""
-    import datasets
-
-    path = Path(source.name)
-    if path.is_dir():
-        loaded = datasets.load_from_disk(str(path))
-        if isinstance(loaded, datasets.DatasetDict):
-            if source.split not in loaded:
-                raise DataError(f"{source.name} has splits {sorted(loaded)}, not {source.split!r}")
-            loaded = loaded[source.split]
-        return loaded.to_iterable_dataset() if source.streaming else loaded
-    if path.is_file():
-        builder = BUILDERS.get(path.suffix.lower())
-        if builder is None:
-            raise DataError(f"{source.name}: unknown file type; expected one of {sorted(BUILDERS)}")
-        return datasets.load_dataset(builder, data_files=str(path), split="train", streaming=source.streaming)
-    return datasets.load_dataset(source.name, split=source.split, streaming=source.streaming)
+__all__ = [
+    "DataSource",
+    "DataStats",
+    "ExampleTable",
+    "encode_rows",
+    "load_examples",
+    "split_off_eval",
+    "stream_for_rank",
+]
 
 
 def _encode_row(row: dict[str, Any], index: int, fmt: str, tokenizer: Any, spec: DataSpec) -> dict[str, Any]:

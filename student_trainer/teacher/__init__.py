@@ -74,6 +74,7 @@ def open_teacher(config: TrainerConfig, tokenizer: Any, vocab: int) -> Teacher:
     assert config.teacher_url is not None  # TrainerConfig fills in the default
     url = config.teacher_url
     api_key = os.environ.get(config.teacher_api_key_env) or None
+    wire = {"ids_encoding": config.teacher_ids_encoding} if config.teacher_api == "gkd" else {}
     prefetcher = TeacherPrefetcher(
         lambda: make_client(
             config.teacher_api,
@@ -81,6 +82,7 @@ def open_teacher(config: TrainerConfig, tokenizer: Any, vocab: int) -> Teacher:
             timeout=config.teacher_timeout,
             api_key=api_key,
             max_retries=config.teacher_max_retries,
+            **wire,
         ),
         depth=max(config.prefetch_depth, 1),
     )

@@ -15,12 +15,30 @@ from student_trainer.teacher.errors import TeacherMismatchError, TeacherProtocol
 logger = logging.getLogger(__name__)
 
 
+IDS_ENCODINGS = ("auto", "int32", "packed")
+"""``--teacher_ids_encoding``: auto asks for packed ids where the teacher's handshake offers them."""
+
+
 class TeacherClient(HttpTeacher):
     """Talks to one teacher service of this project. Create one per trainer; use from a single event loop."""
 
-    def __init__(self, base_url: str, **kwargs: Any) -> None:
+    def __init__(self, base_url: str, *, ids_encoding: str = "auto", **kwargs: Any) -> None:
         super().__init__(base_url, **kwargs)
+        if ids_encoding not in IDS_ENCODINGS:
+            raise ValueError(f"ids_encoding {ids_encoding!r}; expected one of {IDS_ENCODINGS}")
+        self.ids_encoding = ids_encoding
         self._info: TeacherInfo | None = None
+
+    def _wire_ids(self, info: TeacherInfo) -> str:
+        """The ids encoding to ask for: packed where offered (auto) or demanded; never one the teacher lacks."""
+        if self.ids_encoding == "auto":
+            return "packed" if "packed" in info.ids_encodings else "int32"
+        if self.ids_encoding not in info.ids_encodings:
+            raise TeacherMismatchError(
+                f"teacher {info.model!r} answers ids_encoding {info.ids_encodings}, not {self.ids_encoding!r}; "
+                "use --teacher_ids_encoding auto or upgrade the teacher service"
+            )
+        return self.ids_encoding
 
     async def info(self) -> TeacherInfo:
         """The teacher's handshake, fetched once per client instance."""
@@ -62,6 +80,7 @@ class TeacherClient(HttpTeacher):
             )
         if top_k > info.max_top_k:
             raise TeacherMismatchError(f"--top_k {top_k} exceeds the teacher's maximum of {info.max_top_k}")
+        self._wire_ids(info)
         return info
 
     async def topk_logprobs(
@@ -87,6 +106,10 @@ class TeacherClient(HttpTeacher):
                 f"teacher {model!r} writes frame format {info.format_version}, which has no row spans "
                 "(format 2 and above); upgrade the teacher service"
             )
+        if logprobs_dtype not in info.logprobs_dtypes:
+            raise TeacherMismatchError(
+                f"teacher {model!r} answers logprobs_dtype {info.logprobs_dtypes}, not {logprobs_dtype!r}"
+            )
         req = TopkRequest(
             model=model,
             sequences=[list(map(int, s)) for s in sequences],
@@ -94,13 +117,16 @@ class TeacherClient(HttpTeacher):
             first_rows=None if first_rows is None else [int(f) for f in first_rows],
             row_spans=None if row_spans is None else [[[int(a), int(b)] for a, b in spans] for spans in row_spans],
             logprobs_dtype=logprobs_dtype,
+            ids_encoding=self._wire_ids(info),
             return_target_logprobs=return_target_logprobs,
             return_tail_logmass=return_tail_logmass,
         )
         resp = await self._request(
             "POST",
             "/v1/topk_logprobs",
-            content=req.model_dump_json(exclude_none=True),
+            content=req.model_dump_json(
+                exclude_none=True, exclude_defaults=True
+            ),  # an older teacher knows no newer field
             headers={"content-type": "application/json", "accept": TOPK_MEDIA_TYPE},
         )
         try:

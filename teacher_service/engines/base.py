@@ -11,6 +11,7 @@ from typing import Any
 from shared.alignment import RowSpan, first_rows_of_spans, spans_from_first_rows
 from shared.codec import TopkFrame
 from shared.fingerprint import tokenizer_fingerprint
+from teacher_service.engines.generation import Completion, GenerateJob
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,8 @@ class TeacherEngine(abc.ABC):
     """A loaded teacher model that returns raw (temperature 1) top-k log-probs per position."""
 
     engine_name: str = "abstract"
+    can_generate: bool = False
+    """True when :meth:`generate` is implemented (/v1/completions with max_tokens > 1)."""
     batches_internally: bool = False
     """True when the engine schedules concurrent requests itself (vLLM); else the service micro-batches."""
     model_dir: str | None = None
@@ -91,6 +94,17 @@ class TeacherEngine(abc.ABC):
 
     async def close(self) -> None:
         """Release the engine's resources."""
+
+    # --- generation (/v1/completions with max_tokens > 1)
+
+    @property
+    def max_total_tokens(self) -> int:
+        """Most tokens of a prompt plus its completion (the model's context)."""
+        return self.max_model_len
+
+    async def generate(self, job: GenerateJob) -> list[list[Completion]]:
+        """Per prompt, its ``job.n`` completions. Cancelling the call stops the work (the slot is not held on)."""
+        raise NotImplementedError(f"the {self.engine_name} engine does not generate")
 
 
 class ModelDirEngine(TeacherEngine):

@@ -14,6 +14,8 @@ from transformers import AutoModelForCausalLM
 from shared.alignment import RowSpan, pad_sequences, span_positions, tokens_for_spans
 from shared.codec import TopkFrame
 from teacher_service.engines.base import ModelDirEngine, ScoreJob
+from teacher_service.engines.generation import Completion, GenerateJob
+from teacher_service.engines.hf_generate import generate_sync
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +90,7 @@ class HFEngine(ModelDirEngine):
     """Batched forward passes, run off the event loop, one at a time (the model is not re-entrant)."""
 
     engine_name = "transformers"
+    can_generate = True
 
     def __init__(
         self,
@@ -177,3 +180,22 @@ class HFEngine(ModelDirEngine):
         rows = logits[b_idx.to(self.device), t_idx.to(self.device)]
         targets = input_ids[b_idx, t_idx + 1] if job.want_target_logprobs else None
         return topk_rows(rows, job.top_k, targets, job.want_tail_logmass)
+
+    # --- generation
+
+    async def generate(self, job: GenerateJob) -> list[list[Completion]]:
+        """Off the event loop, like scoring; a cancelled call stops the worker at its next token."""
+        cancel = threading.Event()
+        try:
+            return await asyncio.to_thread(self.generate_sync, job, cancel)
+        except asyncio.CancelledError:
+            cancel.set()
+            raise
+
+    def generate_sync(self, job: GenerateJob, cancel: threading.Event | None = None) -> list[list[Completion]]:
+        if self._model is None:
+            raise RuntimeError("engine not loaded")
+        with self._lock:
+            return generate_sync(
+                self._model, self.tokenizer, job, max_batch_tokens=self.max_batch_tokens, cancel=cancel
+            )

@@ -29,6 +29,7 @@ from shared.codec import TopkFrame
 from shared.logmath import tail_from_topk
 from shared.vllm_logprobs import PromptLogprobsError, PromptRows, rows_from_prompt_logprobs
 from teacher_service.engines.base import ModelDirEngine, ScoreJob
+from teacher_service.engines.generation import Completion, GenerateJob
 
 if TYPE_CHECKING:
     from vllm import SamplingParams
@@ -93,6 +94,7 @@ class VLLMEngine(ModelDirEngine):
     """
 
     engine_name = "vllm"
+    can_generate = True
     batches_internally = True  # vLLM's scheduler merges concurrent requests itself
 
     def __init__(
@@ -246,3 +248,69 @@ class VLLMEngine(ModelDirEngine):
         engine.shutdown()
         del engine
         logger.info("vLLM engine shut down in %.1fs", time.perf_counter() - started)
+
+    # --- generation: vLLM natively, one request per prompt (its n samples fanned out by vLLM)
+
+    @property
+    def max_total_tokens(self) -> int:
+        """vLLM's own max_model_len: a completion may use the position scoring keeps free."""
+        return self._max_len + 1
+
+    async def generate(self, job: GenerateJob) -> list[list[Completion]]:
+        """All prompts in flight together; a failure or a cancellation aborts every request of the job."""
+        if self._engine is None:
+            raise RuntimeError("vLLM engine not started")
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        params = SamplingParams(
+            n=job.n,
+            max_tokens=job.max_tokens,
+            temperature=job.temperature,
+            top_p=job.top_p,
+            top_k=job.top_k,
+            seed=job.seed,
+            stop=list(job.stop),
+            stop_token_ids=list(job.stop_token_ids),
+            ignore_eos=job.ignore_eos,
+            include_stop_str_in_output=job.include_stop_str_in_output,
+            skip_special_tokens=job.skip_special_tokens,
+            output_kind=RequestOutputKind.FINAL_ONLY,
+        )
+        engine, prefix = self._engine, f"{self._id_prefix}-{next(self._job_ids)}"
+        tasks = [
+            asyncio.ensure_future(self._completions(engine, f"{prefix}-g{i}", prompt, params))
+            for i, prompt in enumerate(job.prompts)
+        ]
+        try:
+            return list(await asyncio.gather(*tasks))
+        except BaseException:
+            for task in tasks:  # cancelling generate() aborts the vLLM request
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+
+    @staticmethod
+    async def _completions(
+        engine: AsyncLLM, request_id: str, prompt: list[int], params: SamplingParams
+    ) -> list[Completion]:
+        from vllm import TokensPrompt
+
+        final = None
+        async for out in engine.generate(TokensPrompt(prompt_token_ids=prompt), params, request_id=request_id):
+            final = out
+        if final is None:
+            raise RuntimeError(f"vLLM request {request_id} ended without an output")
+        error = getattr(final, "error", None)
+        if error is not None:
+            raise RuntimeError(f"vLLM request {request_id} failed: {error}")
+        completions = []
+        for sample in sorted(final.outputs, key=lambda o: o.index):
+            if sample.finish_reason not in ("stop", "length"):
+                raise RuntimeError(f"vLLM request {request_id} finished with {sample.finish_reason!r}")
+            completions.append(
+                Completion(list(sample.token_ids), sample.text, sample.finish_reason, sample.stop_reason)
+            )
+        if len(completions) != params.n:
+            raise RuntimeError(f"vLLM request {request_id} returned {len(completions)} samples for n={params.n}")
+        return completions

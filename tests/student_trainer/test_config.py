@@ -67,7 +67,7 @@ def test_yaml_errors_name_the_key(base: list[str], tmp_path: Path, capsys: pytes
     "extra,message",
     [
         (["--lmbda", "0.5"], "--lmbda 0.5 generates completions: set --max_new_tokens"),
-        (["--seq_kd", "--max_new_tokens", "8"], "--seq_kd needs a teacher that generates"),
+        (["--seq_kd"], "--lmbda 0.0 with --seq_kd generates completions: set --max_new_tokens"),
         (["--tail", "tail", "--temperature", "0.5"], "--tail tail needs --temperature 1"),
         (["--max_completion_length", "64", "--max_length", "64"], "--max_completion_length 64 leaves no room"),
         (["--max_completion_length", "0"], "--max_completion_length must be >= 1"),

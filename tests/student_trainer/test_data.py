@@ -12,9 +12,9 @@ import pytest
 from transformers import AutoTokenizer
 
 from demo.tiny import TinyAssets
+from shared.chat import RowError, has_generation_blocks, render_with_assistant_mask
+from shared.dataset_formats import detect_format, encode_example, spans_from_mask
 from student_trainer.data import DataError, DataSource, DataSpec, Example, ShardedBatches, StreamingBatches
-from student_trainer.data.chat import RowError, has_generation_blocks, render_with_assistant_mask
-from student_trainer.data.formats import detect_format, encode_example, spans_from_mask
 from student_trainer.data.sources import load_examples, stream_for_rank
 
 SYSTEM = {"role": "system", "content": "You are terse."}

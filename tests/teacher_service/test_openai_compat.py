@@ -72,9 +72,9 @@ def test_plain_json_and_text_prompts(teacher_server: TeacherProcess, engine: HFE
     [
         ({"prompt": [1, 2, 3], "prompt_logprobs": 100}, "prompt_logprobs"),
         ({"prompt": [1, 2, 3], "prompt_logprobs": -1}, "prompt_logprobs"),
-        ({"prompt": [1, 2, 3], "max_tokens": 16, "prompt_logprobs": 2}, "max_tokens"),
+        ({"prompt": [1, 2, 3], "max_tokens": 300, "prompt_logprobs": 2}, "max_tokens"),  # beyond the context
         ({"prompt": [1, 2, 3], "stream": True}, "stream"),
-        ({"prompt": [1, 2, 3], "n": 2}, "n"),
+        ({"prompt": [1, 2, 3], "max_tokens": 1, "n": 2}, "n"),  # scoring answers one choice
         ({"prompt": [1, 99999], "prompt_logprobs": 2}, "prompt[0]"),
         ({"prompt": [], "prompt_logprobs": 2}, "prompt"),
         ({"prompt": [1, 2], "model": "gpt-x"}, "model"),

@@ -376,3 +376,51 @@ def test_client_refuses_answers_with_other_spans_and_old_teachers() -> None:
         run(ask(block))
     with pytest.raises(TeacherMismatchError, match="frame format 1, which has no row spans"):
         run(ask(good, format_version=1))
+
+
+def test_packed_answers_hold_the_int32_rows_and_are_negotiated(teacher_server: TeacherProcess) -> None:
+    info = httpx.get(f"{teacher_server.url}/v1/info").json()
+    assert "packed" in info["ids_encodings"] and "q8" in info["logprobs_dtypes"]
+    assert info["model_revision"].startswith("sampled-sha256:")
+    sent: list[bytes] = []
+
+    async def ask(ids_encoding: str, dtype: str = "float16") -> TopkFrame:
+        async def hook(request: httpx.Request) -> None:
+            sent.append(request.content)
+
+        async with TeacherClient(teacher_server.url, ids_encoding=ids_encoding) as client:
+            client._http.event_hooks["request"].append(hook)
+            return await client.topk_logprobs(SEQS, 8, first_rows=[2, 0, 0], logprobs_dtype=dtype)
+
+    plain, packed = run(ask("int32")), run(ask("auto"))
+    assert b"ids_encoding" not in sent[-2] and b'"ids_encoding":"packed"' in sent[-1]
+    assert packed.metadata["format_version"] == "3"
+    assert torch.equal(plain.token_ids, packed.token_ids) and torch.equal(plain.logprobs, packed.logprobs)
+    q8 = run(ask("packed", "q8"))
+    assert torch.equal(q8.token_ids, plain.token_ids)
+    assert (q8.logprobs - plain.logprobs.float()).abs().max() < 0.1
+
+
+def test_an_old_teacher_is_never_asked_for_packed_ids() -> None:
+    ids, lps = torch.zeros(5, 2, dtype=torch.int32), torch.full((5, 2), -1.0)
+    answer = TopkFrame(ids, lps, torch.tensor([0, 5]), torch.tensor([0]), metadata={"model": "m"})
+    bodies: list[bytes] = []
+    old = _mock_teacher(answer)  # its handshake names no ids_encodings: int32 only
+
+    def recording(request: httpx.Request) -> httpx.Response:
+        bodies.append(request.content)
+        return old.handler(request)
+
+    async def ask(ids_encoding: str) -> TopkFrame:
+        async with TeacherClient("http://t", ids_encoding=ids_encoding, transport=httpx.MockTransport(recording)) as c:
+            return await c.topk_logprobs([[1, 2, 3, 4, 5, 6]], 2)
+
+    assert run(ask("auto")).top_k == 2 and b"ids_encoding" not in bodies[-1]
+    with pytest.raises(TeacherMismatchError, match="not 'packed'"):
+        run(ask("packed"))
+
+
+def test_a_teacher_refuses_an_unknown_encoding_naming_the_field(teacher_server: TeacherProcess) -> None:
+    body = {"sequences": SEQS, "top_k": 2, "ids_encoding": "zstd"}
+    resp = httpx.post(f"{teacher_server.url}/v1/topk_logprobs", json=body)
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "ids_encoding"

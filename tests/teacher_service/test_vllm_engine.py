@@ -23,12 +23,14 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from generation_checks import RANDOM_PROMPT, check_openai_generation, hf_greedy
 from transformers import AutoTokenizer
 
 from demo.tiny import TinyAssets, encode_lm
 from shared.codec import TopkFrame, decode_frame
 from shared.protocol import TOPK_MEDIA_TYPE
 from teacher_service.engines.base import ScoreJob
+from teacher_service.engines.generation import GenerateJob
 from teacher_service.engines.hf import HFEngine
 from teacher_service.engines.vllm import VLLMEngine
 from teacher_service.process import TeacherProcess
@@ -207,6 +209,39 @@ class TestEngine:
         job = ScoreJob.from_first_rows(good, [0, 1], 3)
         assert_matches_transformers(loop.run_until_complete(engine.score(job)), job, hf)
 
+    def test_generation_matches_transformers(
+        self, engine: VLLMEngine, hf: HFEngine, loop: asyncio.AbstractEventLoop
+    ) -> None:
+        """Greedy completions equal transformers' token for token; seeded samples repeat, n of them differ."""
+        assert hf._model is not None
+        prompts = [RANDOM_PROMPT, RANDOM_PROMPT[:2], hf.tokenizer("copy: apple river =>").input_ids]
+        greedy = loop.run_until_complete(engine.generate(GenerateJob(prompts, max_tokens=10, temperature=0)))
+        for prompt, (completion,) in zip(prompts, greedy, strict=True):
+            assert completion.token_ids == hf_greedy(hf._model, prompt, 10)
+        job = GenerateJob(prompts, max_tokens=6, n=3, temperature=1.0, seed=7)
+        first, again = (loop.run_until_complete(engine.generate(job)) for _ in range(2))
+        assert [[c.token_ids for c in cs] for cs in first] == [[c.token_ids for c in cs] for cs in again]
+        assert len({tuple(c.token_ids) for c in first[0]}) > 1
+
+    def test_cancelled_generation_is_aborted(self, engine: VLLMEngine, loop: asyncio.AbstractEventLoop) -> None:
+        """Cancelling a generation (the caller left) aborts its vLLM requests; the engine serves on."""
+        job = GenerateJob([RANDOM_PROMPT] * 2, max_tokens=MAX_MODEL_LEN - len(RANDOM_PROMPT), ignore_eos=True)
+
+        async def cancel_midway() -> int:
+            task = asyncio.ensure_future(engine.generate(job))
+            await asyncio.sleep(0.3)
+            assert not task.done(), "the generation should still be running when it is cancelled"
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            await asyncio.sleep(0.5)
+            assert engine._engine is not None
+            return engine._engine.output_processor.get_num_unfinished_requests()
+
+        assert loop.run_until_complete(cancel_midway()) == 0
+        short = GenerateJob([RANDOM_PROMPT], max_tokens=3, ignore_eos=True)
+        assert len(loop.run_until_complete(engine.generate(short))[0][0].token_ids) == 3
+
 
 @contextmanager
 def vllm_teacher(tiny_assets: TinyAssets, log: Path) -> Iterator[TeacherProcess]:
@@ -269,4 +304,6 @@ def test_http_service_with_vllm_engine(tiny_assets: TinyAssets, hf: HFEngine, ba
         assert too_long.status_code == 400 and too_long.json()["error"]["param"] == "sequences[0]"
         too_many = httpx.post(f"{teacher.url}/v1/topk_logprobs", json={"sequences": [[1, 2]], "top_k": MAX_TOP_K + 1})
         assert too_many.status_code == 400 and too_many.json()["error"]["param"] == "top_k"
+        assert hf._model is not None  # teacher generation, through the openai client
+        check_openai_generation(teacher.url, hf._model, hf.tokenizer, MAX_MODEL_LEN)
         assert httpx.get(f"{teacher.url}/health").json() == {"status": "ok"}

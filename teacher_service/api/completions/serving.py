@@ -1,8 +1,9 @@
-"""`/v1/completions` with `prompt_logprobs` in vLLM's JSON shape, so `vllm serve` clients work unchanged.
+"""`/v1/completions` in vLLM's JSON shape, so `vllm serve` clients work unchanged: scoring with
+`prompt_logprobs`, and generation with `max_tokens` > 1 (teacher completions, e.g. for sequence-level KD).
 
-This teacher scores prompts; it generates no tokens (``max_tokens`` above 1 is refused). The
-``prompt_logprobs`` entries are built by :func:`shared.vllm_logprobs.prompt_logprobs_entries`, the
-module that also reads them.
+``max_tokens`` 0 or 1 scores only: no token is generated (the token vLLM would sample is of no use to a
+scoring client, and costs a forward). Absent, it is vLLM's default of 16. The ``prompt_logprobs`` entries
+are built by :func:`shared.vllm_logprobs.prompt_logprobs_entries`, the module that also reads them.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from shared.vllm_logprobs import prompt_logprobs_entries
 from teacher_service.api.completions.protocol import CompletionRequest, TokenizeRequest
 from teacher_service.api.serving_base import ServingBase
 from teacher_service.engines.base import ScoreJob, TeacherEngine
+from teacher_service.engines.generation import Completion, GenerateJob
 from teacher_service.errors import ServiceError
 
 
@@ -73,13 +75,12 @@ class CompletionServing(ServingBase):
         """The k of the request (-1: the whole vocabulary, as vLLM reads it), refused past what we serve."""
         self.check_model_name(req.model)
         if req.stream:
-            raise ServiceError(400, "streaming is not supported by this scoring teacher", "stream")
-        if req.n != 1:
-            raise ServiceError(400, "only n=1 is supported by this scoring teacher", "n")
-        if req.max_tokens is not None and req.max_tokens > 1:
-            raise ServiceError(
-                400, "this teacher scores prompts and generates no tokens: use max_tokens 0 or 1", "max_tokens"
-            )
+            raise ServiceError(400, "streaming is not supported by this teacher", "stream")
+        unsupported = req.unsupported()
+        if unsupported is not None:
+            raise ServiceError(400, f"{unsupported} is not supported by this teacher", unsupported)
+        if req.n != 1 and req.max_new_tokens <= 1:
+            raise ServiceError(400, "n > 1 needs generation (max_tokens > 1); scoring answers one choice", "n")
         vocab = self.engine.vocab_size
         k = vocab if req.prompt_logprobs == -1 else req.prompt_logprobs
         allowed = min(self.config.max_top_k, vocab)
@@ -91,11 +92,74 @@ class CompletionServing(ServingBase):
             )
         return k
 
+    def _generate_job(self, req: CompletionRequest, prompts: list[list[int]]) -> GenerateJob | None:
+        """The generation the request asks for (None: ``max_tokens`` 0 or 1, scoring only), checked as vLLM does."""
+        max_tokens = req.max_new_tokens
+        if max_tokens <= 1:
+            return None
+        if not self.engine.can_generate:
+            raise ServiceError(400, f"the {self.engine.engine_name} engine does not generate", "max_tokens")
+        temperature = 1.0 if req.temperature is None else req.temperature
+        if temperature == 0 and req.n > 1:
+            raise ServiceError(400, f"n must be 1 when using greedy sampling (temperature 0), got {req.n}", "n")
+        sequences = len(prompts) * req.n
+        if sequences > self.config.max_sequences:
+            raise ServiceError(
+                400,
+                f"{len(prompts)} prompts x n={req.n} = {sequences} completions exceed the limit of "
+                f"{self.config.max_sequences}",
+                "n",
+            )
+        limit = self.engine.max_total_tokens
+        for i, prompt in enumerate(prompts):
+            if limit and len(prompt) + max_tokens > limit:
+                raise ServiceError(
+                    400,
+                    f"This model's maximum context length is {limit} tokens. However, you requested "
+                    f"{len(prompt) + max_tokens} tokens ({len(prompt)} in prompt[{i}], {max_tokens} in the completion)",
+                    "max_tokens",
+                )
+        total = sum(len(p) for p in prompts) + sequences * max_tokens
+        if total > self.config.max_tokens:
+            message = f"prompts plus n x max_tokens make {total} tokens, over the limit of {self.config.max_tokens}"
+            raise ServiceError(413, message, "max_tokens")
+        stops = req.stop_strings
+        if any(not s for s in stops):
+            raise ServiceError(400, "stop cannot contain an empty string", "stop")
+        stop_ids = req.stop_token_ids or []
+        bad = next((t for t in stop_ids if not 0 <= t < self.engine.vocab_size), None)
+        if bad is not None:
+            raise ServiceError(
+                400, f"stop_token_ids holds {bad}, outside [0, {self.engine.vocab_size})", "stop_token_ids"
+            )
+        return GenerateJob(
+            prompts=prompts,
+            max_tokens=max_tokens,
+            n=req.n,
+            temperature=temperature,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            top_k=max(req.top_k or 0, 0),  # -1 and 0 both disable it, as in vLLM
+            seed=req.seed,
+            stop=tuple(stops),
+            stop_token_ids=tuple(stop_ids),
+            ignore_eos=req.ignore_eos,
+            include_stop_str_in_output=req.include_stop_str_in_output,
+            skip_special_tokens=req.skip_special_tokens,
+        )
+
+    async def generate(self, job: GenerateJob) -> list[list[Completion]]:
+        """The engine's completions, counted in the generated-tokens metric."""
+        completions = await self.engine.generate(job)
+        self.metrics.generated_tokens.inc(sum(len(c.token_ids) for cs in completions for c in cs))
+        return completions
+
     async def create_completion(self, req: CompletionRequest) -> dict[str, Any]:
-        """A vLLM completions answer: per prompt, ``prompt_logprobs`` (or None when not asked for), no text."""
+        """A vLLM completions answer: per prompt, its ``n`` completions (none when only scoring), each with the
+        prompt's ``prompt_logprobs`` (None when not asked for) and, with ``return_token_ids``, the token ids."""
         k = self._prompt_logprobs_k(req)
         prompts = _prompts_as_ids(req.prompt, self.engine)
         self.validate_sequences(prompts, param="prompt", min_len=1)
+        gen_job = self._generate_job(req, prompts)
         scored = [i for i, p in enumerate(prompts) if len(p) >= 2]
         frame = None
         if k is not None and scored:
@@ -107,29 +171,40 @@ class CompletionServing(ServingBase):
                 want_target_logprobs=True,
             )
             frame = await self.score(job)
+        generated = None if gen_job is None else await self.generate(gen_job)
         decode = _decoder(self.engine)
         position = {i: b for b, i in enumerate(scored)}
+        with_ids = bool(req.return_token_ids)
         choices = []
         for i, prompt in enumerate(prompts):
             plp = None
             if k is not None:
                 plp = [None] if frame is None or i not in position else _entries(frame, position[i], prompt, k, decode)
-            choices.append(
-                {
-                    "index": i,
-                    "text": "",
-                    "logprobs": None,
-                    "finish_reason": "length",
-                    "stop_reason": None,
-                    "prompt_logprobs": plp,
-                }
-            )
-        n_tokens = sum(len(p) for p in prompts)
+            samples = [Completion([], "", "length")] if generated is None else generated[i]
+            for sample in samples:
+                choices.append(
+                    {
+                        "index": len(choices),
+                        "text": sample.text,
+                        "logprobs": None,
+                        "finish_reason": sample.finish_reason,
+                        "stop_reason": sample.stop_reason,
+                        "token_ids": sample.token_ids if with_ids else None,
+                        "prompt_logprobs": plp,
+                        "prompt_token_ids": prompt if with_ids else None,
+                    }
+                )
+        prompt_tokens = sum(len(p) for p in prompts)
+        completion_tokens = 0 if generated is None else sum(len(c.token_ids) for cs in generated for c in cs)
         return {
             "id": f"cmpl-{uuid.uuid4().hex}",
             "object": "text_completion",
             "created": int(time.time()),
             "model": self.engine.served_model_name,
             "choices": choices,
-            "usage": {"prompt_tokens": n_tokens, "completion_tokens": 0, "total_tokens": n_tokens},
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            },
         }

@@ -5,6 +5,7 @@ from __future__ import annotations
 from shared.protocol import ModelCard, ModelList, RequestLimits, TeacherInfo
 from teacher_service.config import ServiceConfig
 from teacher_service.engines.base import TeacherEngine
+from teacher_service.revision import served_revision
 
 
 def model_list(engine: TeacherEngine, created: int) -> ModelList:
@@ -32,4 +33,7 @@ def teacher_info(engine: TeacherEngine, config: ServiceConfig) -> TeacherInfo:
             max_body_bytes=config.max_body_bytes,
         ),
         engine=engine.engine_name,
+        ids_encodings=["int32", "packed"],
+        logprobs_dtypes=["float16", "bfloat16", "float32", "q8"],
+        model_revision=served_revision(engine.model_dir, config.model_revision),
     )

@@ -64,10 +64,12 @@ class TopkServing(ServingBase):
             body = frame_to_json(frame, engine.served_model_name, engine.vocab_size)
             return Response(orjson.dumps(body.model_dump(exclude_none=True)), media_type="application/json")
         frame.target_ranks = None  # used by the vLLM-compatible JSON answer only
-        frame.logprobs = frame.logprobs.to(LOGPROB_DTYPES[req.logprobs_dtype])
+        q8 = req.logprobs_dtype == "q8"
+        frame.logprobs = frame.logprobs.float() if q8 else frame.logprobs.to(LOGPROB_DTYPES[req.logprobs_dtype])
         frame.metadata = {
             "model": engine.served_model_name,
             "vocab_size": str(engine.vocab_size),
             "top_k": str(req.top_k),
-        }  # encode_frame adds the format_version
-        return Response(encode_frame(frame), media_type=TOPK_MEDIA_TYPE)
+        }  # encode_frame adds the format_version (3 for packed ids or q8 log-probs)
+        data = encode_frame(frame, ids_encoding=req.ids_encoding, vocab_size=engine.vocab_size, logprobs_q8=q8)
+        return Response(data, media_type=TOPK_MEDIA_TYPE)

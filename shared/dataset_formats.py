@@ -3,7 +3,7 @@
 Formats (detected from the columns, or forced with ``--dataset_format``):
 
 - ``messages``: OpenAI-style turns; the loss is on every assistant turn (``--assistant_turns last``:
-  the last one only), found through the student tokenizer's chat template (:mod:`.chat`).
+  the last one only), found through the student tokenizer's chat template (:mod:`shared.chat`).
 - ``prompt_completion``: TRL's columns, either strings (the completion gets EOS) or lists of
   messages (conversational: only the completion's assistant turns are trained).
 - ``text``: whole-sequence distillation, the loss on every token.
@@ -12,16 +12,21 @@ Formats (detected from the columns, or forced with ``--dataset_format``):
 
 A token at position p that carries loss is predicted by row p-1 (:mod:`shared.alignment`), so a
 contiguous run of loss tokens is one row span.
+
+This lives in ``shared`` (tokenizer-only, no trainer imports) because the teacher cache's keys are the
+token ids and row spans: ``gkd-teacher precompute`` must encode a dataset exactly as the trainer does,
+through these functions and :func:`load_rows`, or its rows would never be hits.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 from shared.alignment import RowSpan
-from student_trainer.data.chat import RowError, check_messages, render_with_assistant_mask
+from shared.chat import RowError, check_messages, render_with_assistant_mask
 
 DatasetFormat = Literal["auto", "messages", "prompt_completion", "text", "tokenized"]
 Truncation = Literal["keep_end", "keep_start", "error"]
@@ -159,3 +164,44 @@ def encode_example(
     if not spans:
         raise RowError(f"no tokens to train on are left inside --max_length {spec.max_length}")
     return ids, spans, truncated
+
+
+class DataError(ValueError):
+    """The data cannot be trained on as given (an invalid row, too few examples, an unreadable source)."""
+
+
+BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
+"""File suffix -> the ``datasets`` builder that reads it."""
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """Where rows come from: ``--dataset`` / ``--eval_dataset`` with their split."""
+
+    name: str
+    split: str = "train"
+    streaming: bool = False
+
+
+def load_rows(source: DataSource) -> Any:
+    """The source's rows as a ``datasets.Dataset`` (or ``IterableDataset`` when streaming).
+
+    ``--dataset`` is a local file (jsonl, json, parquet, csv, arrow), a folder written by
+    ``datasets.save_to_disk``, or a hub id for ``datasets.load_dataset``.
+    """
+    import datasets
+
+    path = Path(source.name)
+    if path.is_dir():
+        loaded = datasets.load_from_disk(str(path))
+        if isinstance(loaded, datasets.DatasetDict):
+            if source.split not in loaded:
+                raise DataError(f"{source.name} has splits {sorted(loaded)}, not {source.split!r}")
+            loaded = loaded[source.split]
+        return loaded.to_iterable_dataset() if source.streaming else loaded
+    if path.is_file():
+        builder = BUILDERS.get(path.suffix.lower())
+        if builder is None:
+            raise DataError(f"{source.name}: unknown file type; expected one of {sorted(BUILDERS)}")
+        return datasets.load_dataset(builder, data_files=str(path), split="train", streaming=source.streaming)
+    return datasets.load_dataset(source.name, split=source.split, streaming=source.streaming)
