@@ -81,6 +81,15 @@ class TopkRequest(BaseModel):
     return_tail_logmass: bool = Field(
         default=False, description="Add `tail_logmass`: log of the probability mass outside the top-k per row."
     )
+    temperature: float | None = Field(
+        default=None,
+        gt=0,
+        allow_inf_nan=False,
+        description=(
+            "Rows are log_softmax(logits / temperature), the tail mass exact at that temperature; default 1 "
+            "(raw log-probs). Needs a teacher whose handshake says applies_temperature."
+        ),
+    )
 
     @field_validator("sequences")
     @classmethod
@@ -132,6 +141,10 @@ class TopkRequest(BaseModel):
         firsts = self.first_rows if self.first_rows is not None else [0] * len(self.sequences)
         return spans_from_first_rows([len(s) for s in self.sequences], firsts)
 
+    def resolved_temperature(self) -> float:
+        """The temperature the rows are at (1 when the request does not say)."""
+        return 1.0 if self.temperature is None else self.temperature
+
     def resolved_first_rows(self) -> list[int]:
         """The answer's ``first_rows``: ``first_rows`` as sent, or each sequence's first span start (L-1: none)."""
         return first_rows_of_spans([len(s) for s in self.sequences], self.resolved_row_spans())
@@ -153,7 +166,12 @@ class TeacherInfo(BaseModel):
     max_top_k: int
     limits: RequestLimits
     logprob_mode: Literal["raw"] = Field(
-        default="raw", description="Log-probs are raw model log-probs at temperature 1."
+        default="raw",
+        description="Log-probs are raw model log-probs, at temperature 1 unless the request names a temperature.",
+    )
+    applies_temperature: bool = Field(
+        default=False,
+        description="The teacher computes rows at a requested temperature (else: temperature 1 only).",
     )
     format_version: int = Field(
         default=FORMAT_VERSION,
@@ -218,4 +236,5 @@ class TopkJsonResponse(BaseModel):
     top_k: int
     vocab_size: int
     format_version: int = Field(default=1, description="As the binary frame's: 2 when the rows come with spans.")
+    temperature: float = Field(default=1.0, description="The rows are log_softmax(logits / temperature).")
     sequences: list[SequenceTopk]

@@ -170,10 +170,13 @@ class TrainerConfig:
         default=0.5,
     )
     temperature: float = _help(
-        "softmax temperature on both sides; 1 keeps the teacher's raw log-probs exact", default=1.0
+        "softmax temperature on both sides; a teacher service that applies it (transformers engine) sends its rows "
+        "and tail at this temperature, others send raw rows tempered over the top-k (--tail renorm)",
+        default=1.0,
     )
     tail: Literal["renorm", "tail"] = _help(
-        "mass outside the top-k: one extra 'tail' class (default; needs --temperature 1) or renormalize over the top-k",
+        "mass outside the top-k: one extra 'tail' class (default; at --temperature != 1 needs a teacher that applies "
+        "it) or renormalize over the top-k",
         default="tail",
     )
     sft_alpha: float = _help(
@@ -264,10 +267,15 @@ class TrainerConfig:
             raise ValueError("--teacher_api applies to a teacher service, not to --teacher_model_name_or_path")
         if not self.local_teacher and self.teacher_url is None:
             self.teacher_url = os.environ.get("TEACHER_URL", DEFAULT_TEACHER_URL)
-        if not self.local_teacher and self.tail == "tail" and self.temperature != 1.0:
+        if not self.local_teacher and self.tail == "tail" and self.temperature != 1.0 and self.teacher_api != "gkd":
             raise ValueError(
-                "--tail tail needs --temperature 1 (the teacher's tail mass is known at temperature 1 only); "
-                "use --tail renorm with other temperatures"
+                "--tail tail at --temperature != 1 needs the teacher's rows at that temperature, which a vLLM "
+                "server does not compute (--teacher_api vllm); use --tail renorm, or --teacher_api gkd"
+            )
+        if self.teacher_cache is not None and self.tail == "tail" and self.temperature != 1.0:
+            raise ValueError(
+                "--teacher_cache holds raw (temperature 1) rows, whose tail is known at temperature 1 only: "
+                "--tail tail at --temperature != 1 needs --tail renorm or no cache"
             )
         if self.teacher_cache is not None and self.local_teacher:
             raise ValueError("--teacher_cache holds a teacher service's top-k rows; not --teacher_model_name_or_path")

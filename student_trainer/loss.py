@@ -10,8 +10,9 @@ Two treatments of the probability outside the teacher's top-k:
   student's top-k and leaves how much mass it puts there unconstrained; with the tail
   class the student also learns to concentrate its mass where the teacher does: in the
   demo its held-out cross-entropy ends far lower than with ``renorm`` (docs/benchmarks.md).
-  It costs a chunked log-sum-exp over the student's vocabulary and needs raw
-  (temperature 1) teacher log-probs.
+  It costs a chunked log-sum-exp over the student's vocabulary and needs the teacher's
+  tail at the loss temperature: raw (temperature 1) rows, or rows the teacher computed at
+  that temperature (``teacher_tempered``: a service that applies the request's temperature).
 - ``renorm``: both distributions renormalized over the teacher's top-k ids (as
   ms-swift). No full-vocabulary normalizer on either side, and exact for any
   temperature over the kept set: the choice when ``temperature != 1``.
@@ -78,24 +79,30 @@ def topk_distributions(
     temperature: float = 1.0,
     tail: TailMode = "tail",
     teacher_tail_logmass: torch.Tensor | None = None,
+    teacher_tempered: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(student log-dist, teacher log-dist) on the teacher's top-k support, [N, k] or [N, k+1].
 
     ``teacher_tail_logmass`` (from the teacher, computed in fp32 before the log-probs were
     cast for the wire) is preferred over re-deriving the tail from the sent log-probs.
+    ``teacher_tempered``: the teacher's rows (and tail) are already log_softmax(logits / temperature),
+    so they are used as they are and the tail class works at any temperature.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     ids = teacher_ids.long()
-    t_at = teacher_logprobs.float() / temperature
+    t_at = teacher_logprobs.float() if teacher_tempered else teacher_logprobs.float() / temperature
     if tail == "renorm":
         s_at = student_logits.gather(-1, ids).float() / temperature
         return F.log_softmax(s_at, dim=-1), F.log_softmax(t_at, dim=-1)
     if tail != "tail":
         raise ValueError(f"tail must be 'renorm' or 'tail', got {tail!r}")
-    if temperature != 1.0:
-        raise ValueError("tail='tail' needs temperature 1: the teacher's tail mass is only known at temperature 1")
-    s_log = chosen_logprobs(student_logits, ids, with_tail=True)
+    if temperature != 1.0 and not teacher_tempered:
+        raise ValueError(
+            "tail='tail' at temperature != 1 needs teacher rows computed at that temperature: the tail mass of "
+            "raw rows is only known at temperature 1"
+        )
+    s_log = chosen_logprobs(student_logits if temperature == 1.0 else student_logits / temperature, ids, with_tail=True)
     if teacher_tail_logmass is not None:
         t_tail = teacher_tail_logmass.float().unsqueeze(-1)
     else:
@@ -111,6 +118,7 @@ def gkd_topk_loss(
     temperature: float = 1.0,
     tail: TailMode = "tail",
     teacher_tail_logmass: torch.Tensor | None = None,
+    teacher_tempered: bool = False,
 ) -> torch.Tensor:
     """Per-row GKD loss [N] for student logits [N, V] against teacher top-k rows [N, k].
 
@@ -118,7 +126,7 @@ def gkd_topk_loss(
     optimizer step (all micro-batches, all ranks), not per micro-batch.
     """
     s_log, t_log = topk_distributions(
-        student_logits, teacher_ids, teacher_logprobs, temperature, tail, teacher_tail_logmass
+        student_logits, teacher_ids, teacher_logprobs, temperature, tail, teacher_tail_logmass, teacher_tempered
     )
     return generalized_jsd(s_log, t_log, beta)
 

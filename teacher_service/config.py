@@ -97,6 +97,14 @@ class ServiceConfig(BaseModel):
             "share of RAM: about 0.3 is needed, the GPU default aborts start-up."
         ),
     )
+    kv_cache_memory_bytes: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "vLLM: KV-cache size in bytes, instead of sizing it from --gpu-memory-utilization (which on CPU also "
+            "requires that share of RAM free at start-up). Scoring needs little: about 64 MiB for a tiny model."
+        ),
+    )
     max_model_len: int | None = Field(
         default=None,
         ge=2,

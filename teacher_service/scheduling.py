@@ -149,7 +149,7 @@ class MicroBatcher:
             nxt = await self._next(max(deadline - loop.time(), 0.0))
             if nxt is None:
                 break
-            if tokens + nxt.job.num_tokens > self.max_batch_tokens:
+            if tokens + nxt.job.num_tokens > self.max_batch_tokens or nxt.job.temperature != first.job.temperature:
                 self._carry.appendleft(nxt)
                 break
             batch.append(nxt)
@@ -171,6 +171,7 @@ class MicroBatcher:
             top_k=max(j.top_k for j in jobs),
             want_target_logprobs=any(j.want_target_logprobs for j in jobs),
             want_tail_logmass=any(j.want_tail_logmass for j in jobs),
+            temperature=jobs[0].temperature,  # _collect batches one temperature at a time
         )
         if self.metrics is not None:
             self.metrics.observe_batch(len(jobs), len(merged.sequences), merged.num_tokens)

@@ -107,10 +107,25 @@ def open_teacher(config: TrainerConfig, tokenizer: Any, vocab: int) -> Teacher:
         prefetcher.close()
         raise
     logger.info("teacher %r at %s (%s API)", info.model, url, config.teacher_api)
+    # Rows at the loss temperature from a teacher that computes them (exact tail there); else raw rows the
+    # loss tempers itself, over the top-k only (--tail renorm).
+    # The teacher cache holds raw rows (its key says temperature 1), so a cached run asks for those.
+    at_teacher = (
+        config.temperature != 1.0 and getattr(info, "applies_temperature", False) and config.teacher_cache is None
+    )
+    if config.temperature != 1.0 and config.tail == "tail" and not at_teacher:
+        prefetcher.close()
+        engine = getattr(info, "engine", "vLLM")
+        raise TeacherMismatchError(
+            f"--tail tail at --temperature {config.temperature} needs the teacher's tail at that temperature, and "
+            f"teacher {info.model!r} ({engine} engine, {config.teacher_api} API) computes temperature 1 rows "
+            "only; use --tail renorm, --temperature 1, or a teacher service on the transformers engine"
+        )
     return ServiceTeacher(
         prefetcher,
         config.top_k,
         want_tail=config.tail == "tail",
         prefetch=config.prefetch_depth > 0,
+        temperature=config.temperature if at_teacher else 1.0,
         on_policy_rows=on_policy_rows,
     )

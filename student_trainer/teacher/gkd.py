@@ -93,8 +93,12 @@ class TeacherClient(HttpTeacher):
         logprobs_dtype: LogprobDtype = "float16",
         return_target_logprobs: bool = False,
         return_tail_logmass: bool = False,
+        temperature: float = 1.0,
     ) -> TopkFrame:
         """Top-k rows of a whole micro-batch in one request, checked against what was asked.
+
+        At ``temperature`` != 1 the rows are log_softmax(logits / temperature) with the tail exact at it, which
+        only a teacher whose handshake says ``applies_temperature`` computes; any other is refused here.
 
         ``row_spans`` is sent as such (the answer is a format 2 frame carrying the spans), which a teacher
         older than format 2 cannot take: that is refused here, naming the teacher's format.
@@ -110,6 +114,11 @@ class TeacherClient(HttpTeacher):
             raise TeacherMismatchError(
                 f"teacher {model!r} answers logprobs_dtype {info.logprobs_dtypes}, not {logprobs_dtype!r}"
             )
+        if temperature != 1.0 and not info.applies_temperature:
+            raise TeacherMismatchError(
+                f"teacher {model!r} ({info.engine} engine) computes log-probs at temperature 1 only; "
+                f"rows at temperature {temperature} need a teacher that applies it (the transformers engine)"
+            )
         req = TopkRequest(
             model=model,
             sequences=[list(map(int, s)) for s in sequences],
@@ -120,6 +129,7 @@ class TeacherClient(HttpTeacher):
             ids_encoding=self._wire_ids(info),
             return_target_logprobs=return_target_logprobs,
             return_tail_logmass=return_tail_logmass,
+            temperature=None if temperature == 1.0 else temperature,
         )
         resp = await self._request(
             "POST",
@@ -158,3 +168,7 @@ class TeacherClient(HttpTeacher):
             raise TeacherProtocolError("teacher returned different first rows than requested")
         if frame.metadata.get("model") not in (None, model):
             raise TeacherProtocolError(f"frame is from model {frame.metadata.get('model')!r}, expected {model!r}")
+        if float(frame.metadata.get("temperature", "1.0")) != req.resolved_temperature():
+            raise TeacherProtocolError(
+                f"frame is at temperature {frame.metadata.get('temperature')}, asked for {req.resolved_temperature()}"
+            )

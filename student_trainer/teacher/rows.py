@@ -45,6 +45,8 @@ class TopkRows:
     """The service's top-k rows of one micro-batch (a decoded frame)."""
 
     frame: TopkFrame
+    tempered: bool = False
+    """The teacher computed the rows at the loss temperature (else they are raw, tempered by the loss)."""
 
     def gkd_loss(self, student_logits: torch.Tensor, loss: LossConfig) -> torch.Tensor:
         device = student_logits.device
@@ -57,6 +59,7 @@ class TopkRows:
             temperature=loss.temperature,
             tail=loss.tail,
             teacher_tail_logmass=None if tail is None else tail.to(device),
+            teacher_tempered=self.tempered,
         )
 
     def topk(self, k: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,7 +79,7 @@ class TopkRows:
         ids, lp, tail = with_sampled_token(
             frame.token_ids, frame.logprobs, labels, frame.target_logprobs, frame.tail_logmass
         )
-        return TopkRows(dataclasses.replace(frame, token_ids=ids, logprobs=lp, tail_logmass=tail))
+        return TopkRows(dataclasses.replace(frame, token_ids=ids, logprobs=lp, tail_logmass=tail), self.tempered)
 
 
 @dataclass

@@ -27,15 +27,20 @@ class ServiceTeacher:
         top_k: int,
         want_tail: bool,
         prefetch: bool,
+        temperature: float = 1.0,
         on_policy_rows: OnPolicyRows = "topk",
     ) -> None:
+        """``temperature`` != 1: the rows are asked for at that temperature (the loss's), so the teacher's tail
+        is exact there; only for a teacher whose handshake says ``applies_temperature``."""
         self.prefetcher, self.top_k, self.want_tail, self.prefetch = prefetcher, top_k, want_tail, prefetch
+        self.temperature = temperature
         self.on_policy_rows = on_policy_rows
 
     def _submit(self, batch: Batch, top_k: int, target: bool = False) -> Future[TopkFrame]:
         """The batch's loss rows only (one span per assistant turn): the frame's rows line up with
         ``batch.row_index()``, span by span."""
-        want_tail = self.want_tail
+        want_tail, temperature = self.want_tail, self.temperature
+        at_t = {} if temperature == 1.0 else {"temperature": temperature}  # the vllm client takes none
         return self.prefetcher.submit(
             lambda client: client.topk_logprobs(
                 batch.sequences,
@@ -43,6 +48,7 @@ class ServiceTeacher:
                 row_spans=batch.row_spans,
                 return_tail_logmass=want_tail,
                 return_target_logprobs=target,
+                **at_t,
             )
         )
 
@@ -50,11 +56,13 @@ class ServiceTeacher:
         mode = self.on_policy_rows if on_policy else "topk"
         top_k = {"topk": self.top_k, "sampled_class": self.top_k + 1, "sampled_only": 1}[mode]
         target = mode != "topk"
+        tempered = self.temperature != 1.0
 
         def rows(frame: TopkFrame) -> TeacherRows:
             if mode != "sampled_class":
-                return TopkRows(frame)
-            return TopkRows(frame).with_sampled_token(next_token_labels(batch.input_ids, *batch.row_index()))
+                return TopkRows(frame, tempered)
+            labels = next_token_labels(batch.input_ids, *batch.row_index())
+            return TopkRows(frame, tempered).with_sampled_token(labels)
 
         if not self.prefetch:
             return Deferred(lambda: rows(self._submit(batch, top_k, target).result()))

@@ -40,6 +40,16 @@ class ServingBase:
         if k > self.engine.vocab_size:
             raise ServiceError(400, f"{param}={k} exceeds the vocabulary size {self.engine.vocab_size}", param)
 
+    def check_temperature(self, temperature: float, param: str = "temperature") -> None:
+        if temperature != 1.0 and not self.engine.applies_temperature:
+            raise ServiceError(
+                400,
+                f"{param}={temperature}: the {self.engine.engine_name} engine computes log-probs at temperature 1 "
+                "only (vLLM's prompt log-probs skip temperature); ask for temperature 1 and temper on the client, "
+                "or serve the teacher with the transformers engine",
+                param,
+            )
+
     def validate_sequences(self, sequences: list[list[int]], param: str = "sequences", min_len: int = 2) -> None:
         """Count, size and token-id checks shared by every scoring route."""
         config = self.config

@@ -25,6 +25,8 @@ class ScoreJob:
     want_target_logprobs: bool = False
     want_tail_logmass: bool = False
     """With ``want_target_logprobs`` the engine also fills ``target_ranks`` (1-based) where it can."""
+    temperature: float = 1.0
+    """Rows are ``log_softmax(logits / temperature)``, the tail exact at that temperature."""
 
     @classmethod
     def from_first_rows(
@@ -34,10 +36,11 @@ class ScoreJob:
         top_k: int,
         want_target_logprobs: bool = False,
         want_tail_logmass: bool = False,
+        temperature: float = 1.0,
     ) -> ScoreJob:
         """Rows ``first_rows[b] .. len(sequences[b]) - 2`` of each sequence: the one-span case."""
         spans = spans_from_first_rows([len(s) for s in sequences], first_rows)
-        return cls(sequences, spans, top_k, want_target_logprobs, want_tail_logmass)
+        return cls(sequences, spans, top_k, want_target_logprobs, want_tail_logmass, temperature)
 
     @property
     def seq_lens(self) -> list[int]:
@@ -54,7 +57,8 @@ class ScoreJob:
 
 
 class TeacherEngine(abc.ABC):
-    """A loaded teacher model that returns raw (temperature 1) top-k log-probs per position."""
+    """A loaded teacher model that returns top-k log-probs per position, raw at the job's temperature
+    (``log_softmax(logits / T)``; T = 1 by default)."""
 
     engine_name: str = "abstract"
     can_generate: bool = False
@@ -63,6 +67,8 @@ class TeacherEngine(abc.ABC):
     """True when the engine schedules concurrent requests itself (vLLM); else the service micro-batches."""
     model_dir: str | None = None
     """Where the weights come from (``root`` in /v1/models); None for an engine without a model directory."""
+    applies_temperature: bool = False
+    """True when ``score`` honours ``ScoreJob.temperature``; else jobs at T != 1 are refused before they reach it."""
 
     def __init__(self, served_model_name: str) -> None:
         self.served_model_name = served_model_name

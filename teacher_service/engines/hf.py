@@ -1,11 +1,15 @@
-"""The embedded default engine: a Hugging Face transformers causal LM, CPU or GPU."""
+"""The embedded default engine: a Hugging Face transformers causal LM, CPU or GPU.
+
+It runs the model body once per padded chunk of sequences, gathers the hidden states of the requested rows,
+and applies the output layer to those alone, in row chunks fused with top-k, the normalizer, the target
+log-prob and the exact tail (:mod:`teacher_service.engines.head`): the ``[B, T, V]`` logits are never built.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -15,81 +19,34 @@ from shared.alignment import RowSpan, pad_sequences, span_positions, tokens_for_
 from shared.codec import TopkFrame
 from teacher_service.engines.base import ModelDirEngine, ScoreJob
 from teacher_service.engines.generation import Completion, GenerateJob
+from teacher_service.engines.head import (
+    OutputHead,
+    RowTopk,
+    check_head,
+    chunk_rows,
+    model_body,
+    output_head,
+    topk_from_blocks,
+    topk_rows,
+)
 from teacher_service.engines.hf_generate import generate_sync
+
+__all__ = ["HFEngine", "RowTopk", "topk_rows"]
 
 logger = logging.getLogger(__name__)
 
 _TORCH_DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-@dataclass
-class RowTopk:
-    """Per-row results of :func:`topk_rows`; extras are None unless asked for."""
-
-    ids: torch.Tensor  # int32 [N, k]
-    logprobs: torch.Tensor  # float32 [N, k]
-    target_logprobs: torch.Tensor | None = None  # float32 [N]
-    target_ranks: torch.Tensor | None = None  # int32 [N], 1-based
-    tail_logmass: torch.Tensor | None = None  # float32 [N]
-
-    @classmethod
-    def cat(cls, parts: list[RowTopk], top_k: int, targets: bool, tail: bool) -> RowTopk:
-        """Parts joined in order; no parts give zero rows with the same fields."""
-
-        def join(tensors: list[torch.Tensor | None], shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-            present = [t for t in tensors if t is not None]
-            return torch.cat(present) if present else torch.empty(shape, dtype=dtype)
-
-        return cls(
-            join([p.ids for p in parts], (0, top_k), torch.int32),
-            join([p.logprobs for p in parts], (0, top_k), torch.float32),
-            join([p.target_logprobs for p in parts], (0,), torch.float32) if targets else None,
-            join([p.target_ranks for p in parts], (0,), torch.int32) if targets else None,
-            join([p.tail_logmass for p in parts], (0,), torch.float32) if tail else None,
-        )
-
-
-def topk_rows(
-    logits: torch.Tensor,
-    top_k: int,
-    targets: torch.Tensor | None = None,
-    want_tail: bool = False,
-    row_chunk: int = 1024,
-) -> RowTopk:
-    """Top-k log-probs of ``logits`` [N, V] in row chunks, without a full [N, V] log-softmax.
-
-    With ``targets`` [N], also the actual next token's log-prob and vocabulary rank.
-    The tail is the log-sum-exp of the logits outside the top-k minus the normalizer:
-    exact, with no 1 - sum(p) cancellation.
-    """
-    n = logits.shape[0]
-    out = RowTopk(torch.empty(n, top_k, dtype=torch.int32), torch.empty(n, top_k, dtype=torch.float32))
-    if targets is not None:
-        out.target_logprobs = torch.empty(n, dtype=torch.float32)
-        out.target_ranks = torch.empty(n, dtype=torch.int32)
-    if want_tail:
-        out.tail_logmass = torch.empty(n, dtype=torch.float32)
-    for lo in range(0, n, row_chunk):
-        sl = slice(lo, lo + row_chunk)
-        chunk = logits[sl].float()
-        lse = torch.logsumexp(chunk, dim=-1, keepdim=True)
-        vals, idx = torch.topk(chunk, top_k, dim=-1, sorted=True)
-        out.ids[sl] = idx.to(torch.int32).cpu()
-        out.logprobs[sl] = (vals - lse).cpu()
-        if targets is not None and out.target_logprobs is not None and out.target_ranks is not None:
-            t_logit = chunk.gather(-1, targets[sl].to(chunk.device).unsqueeze(-1))
-            out.target_logprobs[sl] = (t_logit - lse).squeeze(-1).cpu()
-            out.target_ranks[sl] = ((chunk > t_logit).sum(-1) + 1).to(torch.int32).cpu()
-        if out.tail_logmass is not None:
-            rest = torch.logsumexp(chunk.scatter(-1, idx, float("-inf")), dim=-1, keepdim=True)
-            out.tail_logmass[sl] = (rest - lse).squeeze(-1).cpu()
-    return out
-
-
 class HFEngine(ModelDirEngine):
-    """Batched forward passes, run off the event loop, one at a time (the model is not re-entrant)."""
+    """Batched forward passes, run off the event loop, one at a time (the model is not re-entrant).
+
+    ``load`` refuses a model whose output layer it cannot reproduce from hidden states (see
+    :func:`teacher_service.engines.head.check_head`).
+    """
 
     engine_name = "transformers"
+    applies_temperature = True
     can_generate = True
 
     def __init__(
@@ -99,6 +56,7 @@ class HFEngine(ModelDirEngine):
         dtype: str = "auto",
         device: str = "cpu",
         max_batch_tokens: int = 8192,
+        logits_chunk_rows: int | None = None,
     ) -> None:
         super().__init__(model_dir, served_model_name)
         if dtype not in _TORCH_DTYPES:
@@ -106,23 +64,36 @@ class HFEngine(ModelDirEngine):
         self.dtype = dtype
         self.device = torch.device(device)
         self.max_batch_tokens = max_batch_tokens
+        self.logits_chunk_rows = logits_chunk_rows
+        """Rows per block of logits; None: :func:`~teacher_service.engines.head.chunk_rows` of the vocabulary."""
         self._lock = threading.Lock()
         self._model: torch.nn.Module | None = None
+        self._body: torch.nn.Module | None = None
+        self._head: OutputHead | None = None
 
     def load(self) -> None:
         model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=_TORCH_DTYPES[self.dtype])
         model.to(self.device).eval()
-        self._model = model
-        self._vocab_size = int(model.get_output_embeddings().weight.shape[0])
-        self._max_len = int(getattr(model.config, "max_position_embeddings", 0) or 0)
+        self.use_model(model)
         logger.info(
-            "loaded %s (%s, vocab %d, %s) from %s",
+            "loaded %s (%s, %s, %s) from %s",
             self.served_model_name,
             type(model).__name__,
-            self._vocab_size,
+            self._head.describe() if self._head else "",
             model.dtype,
             self.model_dir,
         )
+
+    def use_model(self, model: torch.nn.Module) -> None:
+        """Serve ``model`` (already on the device, in eval mode): find its body and head and check them on a
+        probe against its own forward pass; :class:`~teacher_service.engines.head.UnsupportedHeadError` if
+        they do not reproduce its log-probs."""
+        body, head = model_body(model), output_head(model)
+        probe = torch.arange(8, device=self.device).remainder(head.vocab_size).unsqueeze(0)
+        check_head(model, body, head, probe)
+        self._model, self._body, self._head = model, body, head
+        self._vocab_size = head.vocab_size
+        self._max_len = int(getattr(model.config, "max_position_embeddings", 0) or 0)
 
     async def start(self) -> None:
         await asyncio.to_thread(self.load)
@@ -172,14 +143,27 @@ class HFEngine(ModelDirEngine):
         return chunks
 
     def _score_chunk(self, seqs: list[list[int]], spans: list[list[RowSpan]], job: ScoreJob) -> RowTopk:
-        """Top-k at the span rows of one padded forward pass."""
-        assert self._model is not None
+        """Top-k at the span rows of one padded pass of the body, the head applied to those rows only."""
+        assert self._body is not None and self._head is not None
+        head = self._head
         input_ids, mask = pad_sequences(seqs, pad_id=0)  # any id would do: padded positions are masked
-        logits = self._model(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device)).logits
+        hidden = self._body(
+            input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device), use_cache=False
+        ).last_hidden_state
         b_idx, t_idx = span_positions(mask, spans)
-        rows = logits[b_idx.to(self.device), t_idx.to(self.device)]
+        rows = hidden[b_idx.to(self.device), t_idx.to(self.device)]  # [N, D]: the only rows the head sees
+        del hidden
         targets = input_ids[b_idx, t_idx + 1] if job.want_target_logprobs else None
-        return topk_rows(rows, job.top_k, targets, job.want_tail_logmass)
+        return topk_from_blocks(
+            lambda sl: head.logits(rows[sl]),
+            rows.shape[0],
+            head.vocab_size,
+            job.top_k,
+            targets,
+            job.want_tail_logmass,
+            job.temperature,
+            self.logits_chunk_rows or chunk_rows(head.vocab_size),
+        )
 
     # --- generation
 

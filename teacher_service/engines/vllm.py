@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import time
 import uuid
 from collections.abc import Sequence
@@ -76,6 +77,36 @@ def frame_from_prompt_logprobs(prompt_logprobs: Sequence[Any | None], job: Score
     return frame
 
 
+CPU_BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"
+
+
+def cpu_thread_binding(cpus: Sequence[int], workers: int) -> str:
+    """``VLLM_CPU_OMP_THREADS_BIND`` giving each of ``workers`` CPU workers its own contiguous share of
+    ``cpus``: "0|1" for 2 workers on 2 cores. vLLM reads the lists in [DP, PP, TP] rank order."""
+    if len(cpus) < workers:
+        raise ValueError(
+            f"{workers} vLLM CPU workers (tensor x data parallel) need a core each; this process may use "
+            f"{len(cpus)}: lower the parallel sizes or set {CPU_BIND_ENV} yourself"
+        )
+    ordered, share = sorted(cpus), len(cpus) // workers
+    groups = [ordered[i * share : (i + 1) * share] for i in range(workers)]
+    groups[-1] += ordered[workers * share :]  # the remainder goes to the last worker
+    return "|".join(",".join(map(str, g)) for g in groups)
+
+
+def bind_cpu_workers(tensor_parallel_size: int, data_parallel_size: int) -> None:
+    """On vllm-cpu with tensor parallelism, bind one share of this process's cores per worker, unless
+    ``VLLM_CPU_OMP_THREADS_BIND`` is set: vLLM's automatic binding wants one NUMA node per worker and
+    refuses ("Not enough allowed NUMA nodes") on a one-node machine. Data parallelism alone needs nothing."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu() or tensor_parallel_size == 1 or CPU_BIND_ENV in os.environ:
+        return
+    binding = cpu_thread_binding(sorted(os.sched_getaffinity(0)), tensor_parallel_size * data_parallel_size)
+    os.environ[CPU_BIND_ENV] = binding
+    logger.info("vLLM on CPU with tensor parallelism: %s=%r (one share of cores per worker)", CPU_BIND_ENV, binding)
+
+
 def prompt_for_spans(sequence: list[int], spans: list[RowSpan]) -> list[int]:
     """The tokens vLLM is sent for a sequence's spans: up to the last span's last label (later ones change
     none of its rows, see :func:`shared.alignment.tokens_for_spans`)."""
@@ -107,6 +138,7 @@ class VLLMEngine(ModelDirEngine):
         tensor_parallel_size: int = 1,
         data_parallel_size: int = 1,
         gpu_memory_utilization: float = 0.9,
+        kv_cache_memory_bytes: int | None = None,
         max_model_len: int | None = None,
         max_num_batched_tokens: int | None = None,
         enforce_eager: bool = False,
@@ -119,6 +151,7 @@ class VLLMEngine(ModelDirEngine):
             "tensor_parallel_size": tensor_parallel_size,
             "data_parallel_size": data_parallel_size,
             "gpu_memory_utilization": gpu_memory_utilization,
+            "kv_cache_memory_bytes": kv_cache_memory_bytes,
             "max_model_len": max_model_len,
             "max_num_batched_tokens": max_num_batched_tokens,
             "enforce_eager": enforce_eager,
@@ -145,6 +178,7 @@ class VLLMEngine(ModelDirEngine):
         from vllm.v1.engine.async_llm import AsyncLLM
 
         started = time.perf_counter()
+        bind_cpu_workers(self.engine_kwargs["tensor_parallel_size"], self.engine_kwargs["data_parallel_size"])
         logger.info("starting vLLM AsyncLLM: %s", self.engine_kwargs)
         self._flat = "flat_logprobs" in getattr(SamplingParams, "__struct_fields__", ())
         if not self._flat:
@@ -194,6 +228,8 @@ class VLLMEngine(ModelDirEngine):
         failure fails the whole job."""
         if self._engine is None:
             raise RuntimeError("vLLM engine not started")
+        if job.temperature != 1.0:  # the service refuses these with a 400 first (applies_temperature is False)
+            raise ValueError(f"the vLLM engine scores at temperature 1 only, not {job.temperature}")
         engine = self._engine
         params = self._sampling_params(job.top_k)
         prefix = f"{self._id_prefix}-{next(self._job_ids)}"

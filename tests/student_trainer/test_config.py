@@ -68,7 +68,14 @@ def test_yaml_errors_name_the_key(base: list[str], tmp_path: Path, capsys: pytes
     [
         (["--lmbda", "0.5"], "--lmbda 0.5 generates completions: set --max_new_tokens"),
         (["--seq_kd"], "--lmbda 0.0 with --seq_kd generates completions: set --max_new_tokens"),
-        (["--tail", "tail", "--temperature", "0.5"], "--tail tail needs --temperature 1"),
+        (
+            ["--tail", "tail", "--temperature", "0.5", "--teacher_api", "vllm"],
+            "--tail tail at --temperature != 1 needs the teacher's rows at that temperature",
+        ),
+        (
+            ["--tail", "tail", "--temperature", "0.5", "--teacher_cache", "cache"],
+            "--teacher_cache holds raw (temperature 1) rows",
+        ),
         (["--max_completion_length", "64", "--max_length", "64"], "--max_completion_length 64 leaves no room"),
         (["--max_completion_length", "0"], "--max_completion_length must be >= 1"),
         (["--lmbda", "1", "--max_new_tokens", "64", "--max_length", "64"], "--max_new_tokens 64 leaves no room"),

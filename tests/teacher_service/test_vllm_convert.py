@@ -19,7 +19,7 @@ from teacher_service.app import build_engine
 from teacher_service.cli import parse_config
 from teacher_service.engines.base import ScoreJob
 from teacher_service.engines.hf import topk_rows
-from teacher_service.engines.vllm import VLLMEngine, frame_from_prompt_logprobs, prompt_for_spans
+from teacher_service.engines.vllm import VLLMEngine, cpu_thread_binding, frame_from_prompt_logprobs, prompt_for_spans
 
 VOCAB = 50
 K = 5
@@ -205,3 +205,11 @@ def test_parallel_flags_need_the_vllm_engine() -> None:
         parse_config(["--model", "m", "--tensor-parallel-size", "2"])
     with pytest.raises(SystemExit):
         parse_config(["--model", "m", "--engine", "vllm", "--gpu-memory-utilization", "1.5"])
+
+
+def test_cpu_binding_gives_each_worker_its_own_cores() -> None:
+    assert cpu_thread_binding([0, 1], 2) == "0|1"
+    assert cpu_thread_binding([3, 2, 5, 4, 6], 2) == "2,3|4,5,6"  # sorted, the remainder to the last worker
+    assert cpu_thread_binding(range(8), 4) == "0,1|2,3|4,5|6,7"  # DP x TP workers, in vLLM's rank order
+    with pytest.raises(ValueError, match="need a core each"):
+        cpu_thread_binding([0, 1], 4)

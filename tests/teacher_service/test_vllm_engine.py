@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,7 +33,7 @@ from shared.protocol import TOPK_MEDIA_TYPE
 from teacher_service.engines.base import ScoreJob
 from teacher_service.engines.generation import GenerateJob
 from teacher_service.engines.hf import HFEngine
-from teacher_service.engines.vllm import VLLMEngine
+from teacher_service.engines.vllm import CPU_BIND_ENV, VLLMEngine
 from teacher_service.process import TeacherProcess
 
 pytestmark = pytest.mark.vllm
@@ -45,7 +46,9 @@ TOP_K = 16
 ENGINE_SETTINGS = {
     "dtype": "float32",
     "enforce_eager": True,
-    "gpu_memory_utilization": 0.3,  # on CPU the share of RAM; the GPU default 0.9 aborts start-up
+    # an explicit KV cache: sized from gpu_memory_utilization (on CPU a share of RAM) vLLM also demands that
+    # share free at start-up, which a machine busy with other work may not have
+    "kv_cache_memory_bytes": 64 * 2**20,
     "max_model_len": MAX_MODEL_LEN,
     "max_num_batched_tokens": 256,  # below the batch's tokens: sequences are prefilled in chunks
 }
@@ -304,6 +307,57 @@ def test_http_service_with_vllm_engine(tiny_assets: TinyAssets, hf: HFEngine, ba
         assert too_long.status_code == 400 and too_long.json()["error"]["param"] == "sequences[0]"
         too_many = httpx.post(f"{teacher.url}/v1/topk_logprobs", json={"sequences": [[1, 2]], "top_k": MAX_TOP_K + 1})
         assert too_many.status_code == 400 and too_many.json()["error"]["param"] == "top_k"
+        assert info["applies_temperature"] is False  # vLLM's prompt log-probs are at temperature 1
+        hot = httpx.post(f"{teacher.url}/v1/topk_logprobs", json={"sequences": [[1, 2]], "top_k": 2, "temperature": 2})
+        assert hot.status_code == 400 and hot.json()["error"]["param"] == "temperature"
         assert hf._model is not None  # teacher generation, through the openai client
         check_openai_generation(teacher.url, hf._model, hf.tokenizer, MAX_MODEL_LEN)
         assert httpx.get(f"{teacher.url}/health").json() == {"status": "ok"}
+
+
+@pytest.mark.parametrize(("tensor_parallel", "data_parallel"), [(2, 1), (1, 2)], ids=["tp2", "dp2"])
+@pytest.mark.timeout(600)
+def test_two_engines_match_transformers(
+    tiny_assets: TinyAssets,
+    hf: HFEngine,
+    batch,
+    tensor_parallel: int,
+    data_parallel: int,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Tensor parallelism (two CPU workers, one core each, bound by the engine) and data parallelism (two
+    engine cores): the same rows as the transformers engine, and with DP a batch's sequences go to both."""
+    import vllm  # noqa: F401  (a missing vLLM fails here: this test is never skipped)
+
+    seqs, firsts = batch
+    monkeypatch.delenv(CPU_BIND_ENV, raising=False)  # the engine sets it for TP; restored after the test
+    loop = asyncio.new_event_loop()
+    eng = VLLMEngine(
+        tiny_assets.teacher,
+        max_top_k=MAX_TOP_K,
+        tensor_parallel_size=tensor_parallel,
+        data_parallel_size=data_parallel,
+        **ENGINE_SETTINGS,
+    )
+    try:
+        loop.run_until_complete(eng.start())
+        assert (os.environ.get(CPU_BIND_ENV) == "0|1") == (tensor_parallel == 2 and os.cpu_count() == 2)
+        chosen: list[object] = []
+        if data_parallel > 1:  # which engine core vLLM's load balancer sends each request to
+            core = eng._engine.engine_core  # type: ignore[union-attr]
+            pick = core.get_core_engine_for_request
+
+            def recording(request: object) -> object:
+                chosen.append(pick(request))
+                return chosen[-1]
+
+            core.get_core_engine_for_request = recording
+        job = ScoreJob.from_first_rows(seqs, firsts, TOP_K, want_target_logprobs=True, want_tail_logmass=True)
+        frame = loop.run_until_complete(eng.score(job))
+        frame.validate()
+        assert_matches_transformers(frame, job, hf)
+        if data_parallel > 1:
+            assert len(chosen) == len(seqs) and len(set(chosen)) == data_parallel, f"engines used: {chosen}"
+    finally:
+        loop.run_until_complete(eng.close())
+        loop.close()

@@ -81,6 +81,18 @@ class CompletionServing(ServingBase):
             raise ServiceError(400, f"{unsupported} is not supported by this teacher", unsupported)
         if req.n != 1 and req.max_new_tokens <= 1:
             raise ServiceError(400, "n > 1 needs generation (max_tokens > 1); scoring answers one choice", "n")
+        if req.prompt_logprobs is not None and req.temperature not in (None, 0.0, 1.0):
+            # Stock vLLM (0.32, every logprobs_mode) computes prompt log-probs from the raw logits whatever the
+            # request's temperature, which only shapes sampling: answering would hand back temperature 1 rows
+            # to a client that asked for others. 0 (greedy) and 1 are what scoring clients send; they get raw rows.
+            raise ServiceError(
+                400,
+                f"temperature={req.temperature} with prompt_logprobs: prompt log-probs are computed at temperature 1 "
+                "(as vLLM does; temperature only shapes sampling), so they would not be at the temperature asked "
+                "for. Send temperature 0 or 1 (or generate without prompt_logprobs), or use /v1/topk_logprobs with "
+                "its temperature field",
+                "temperature",
+            )
         vocab = self.engine.vocab_size
         k = vocab if req.prompt_logprobs == -1 else req.prompt_logprobs
         allowed = min(self.config.max_top_k, vocab)

@@ -33,6 +33,7 @@ def teacher_info(engine: TeacherEngine, config: ServiceConfig) -> TeacherInfo:
             max_body_bytes=config.max_body_bytes,
         ),
         engine=engine.engine_name,
+        applies_temperature=engine.applies_temperature,
         ids_encodings=["int32", "packed"],
         logprobs_dtypes=["float16", "bfloat16", "float32", "q8"],
         model_revision=served_revision(engine.model_dir, config.model_revision),

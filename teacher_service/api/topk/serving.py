@@ -41,6 +41,7 @@ class TopkServing(ServingBase):
         """Checks that need the served model or the service limits (the schema checks the rest)."""
         self.check_model_name(req.model)
         self.check_top_k(req.top_k, "top_k")
+        self.check_temperature(req.resolved_temperature())
         self.validate_sequences(req.sequences)
 
     async def create_topk(self, req: TopkRequest, as_json: bool) -> Response:
@@ -56,12 +57,14 @@ class TopkServing(ServingBase):
             top_k=req.top_k,
             want_target_logprobs=req.return_target_logprobs,
             want_tail_logmass=req.return_tail_logmass,
+            temperature=req.resolved_temperature(),
         )
         frame = await self.score(job)
         frame = frame.with_spans() if req.row_spans is not None else frame.without_spans()
         engine = self.engine
         if as_json:
             body = frame_to_json(frame, engine.served_model_name, engine.vocab_size)
+            body.temperature = job.temperature
             return Response(orjson.dumps(body.model_dump(exclude_none=True)), media_type="application/json")
         frame.target_ranks = None  # used by the vLLM-compatible JSON answer only
         q8 = req.logprobs_dtype == "q8"
@@ -70,6 +73,7 @@ class TopkServing(ServingBase):
             "model": engine.served_model_name,
             "vocab_size": str(engine.vocab_size),
             "top_k": str(req.top_k),
+            "temperature": repr(job.temperature),
         }  # encode_frame adds the format_version (3 for packed ids or q8 log-probs)
         data = encode_frame(frame, ids_encoding=req.ids_encoding, vocab_size=engine.vocab_size, logprobs_q8=q8)
         return Response(data, media_type=TOPK_MEDIA_TYPE)
