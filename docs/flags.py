@@ -82,7 +82,11 @@ def _flags(action: argparse.Action) -> str:
 
 def table(parser: argparse.ArgumentParser, groups: dict[str, tuple[str, ...]]) -> str:
     """Markdown tables, one per heading (none for ``""``), in the groups' order; every flag must be in one."""
-    actions = {a.dest: a for a in parser._actions if a.option_strings and a.dest != "help"}
+    actions: dict[str, argparse.Action] = {}
+    negations: dict[str, argparse.Action] = {}  # a True-by-default bool's `--no_<flag>`, listed beside it
+    for a in parser._actions:
+        if a.option_strings and a.dest != "help":
+            (negations if a.dest in actions else actions)[a.dest] = a
     listed = [name for names in groups.values() for name in names]
     if sorted(listed) != sorted(actions):
         raise ValueError(f"flags and groups differ: {sorted(set(listed) ^ set(actions))}")
@@ -93,7 +97,8 @@ def table(parser: argparse.ArgumentParser, groups: dict[str, tuple[str, ...]]) -
         for name in names:
             action = actions[name]
             default = "required" if action.required else "" if action.default is None else f"`{action.default}`"
-            lines.append(f"| {_flags(action)} | {default} | {_cell(action.help or '')} |")
+            flags = _flags(action) + (f", {_flags(negations[name])}" if name in negations else "")
+            lines.append(f"| {flags} | {default} | {_cell(action.help or '')} |")
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
 

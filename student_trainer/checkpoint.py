@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -61,18 +62,25 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(engine: Any, root: Path, step: int, data_state: dict[str, int]) -> None:
-    """All ranks call this (DeepSpeed saves each rank's optimizer shard)."""
+    """All ranks call this (DeepSpeed saves each rank's optimizer shard).
+
+    Frozen parameters (a LoRA student's base) are left out: they are reloaded from the base model.
+    """
     world = dist.get_world_size()
     states: list[Any] = [None] * world
     dist.all_gather_object(states, rng_state())
     client_state = {"step": step, "data": data_state, "rng": states, "world_size": world}
-    engine.save_checkpoint(str(root), tag=checkpoint_tag(step), client_state=client_state)
+    frozen = any(not p.requires_grad for p in engine.module.parameters())
+    engine.save_checkpoint(
+        str(root), tag=checkpoint_tag(step), client_state=client_state, exclude_frozen_parameters=frozen
+    )
     logger.info("saved checkpoint %s", root / checkpoint_tag(step))
 
 
 def load_checkpoint(engine: Any, root: Path, tag: str) -> tuple[int, dict[str, int]]:
     """Weights, optimizer and scheduler into ``engine``; this rank's RNG; returns (step, data position)."""
-    path, client = engine.load_checkpoint(str(root), tag=tag)
+    frozen = any(not p.requires_grad for p in engine.module.parameters())  # saved without: not in the file
+    path, client = engine.load_checkpoint(str(root), tag=tag, load_module_strict=not frozen)
     if path is None or not client:
         raise FileNotFoundError(f"DeepSpeed found no checkpoint {tag!r} in {root}")
     world = dist.get_world_size()
@@ -86,8 +94,11 @@ def load_checkpoint(engine: Any, root: Path, tag: str) -> tuple[int, dict[str, i
     return int(client["step"]), dict(client["data"])
 
 
-def export_pretrained(engine: Any, tokenizer: Any, out: Path) -> None:
-    """``save_pretrained`` of the trained student on rank 0; ZeRO-3 shards are gathered parameter by parameter."""
+def export_pretrained(engine: Any, tokenizer: Any, out: Path, lora: LoraExport | None = None) -> None:
+    """``save_pretrained`` of the trained student on rank 0; ZeRO-3 shards are gathered parameter by parameter.
+
+    A LoRA student is exported merged into a plain model or as its adapter (``lora``).
+    """
     import deepspeed
 
     model = engine.module.model
@@ -100,6 +111,25 @@ def export_pretrained(engine: Any, tokenizer: Any, out: Path) -> None:
                 if is_main:
                     state[name] = param.detach().cpu().clone()
     if is_main:
-        model.save_pretrained(out, state_dict=state)
+        if lora is not None:
+            from student_trainer.lora import export_lora
+
+            full = state if state is not None else {n: p.detach().cpu() for n, p in model.named_parameters()}
+            export_lora(full, lora.base_path, lora.config, out, merged=lora.merged)
+        else:
+            model.save_pretrained(out, state_dict=state)
         tokenizer.save_pretrained(out)
-        logger.info("exported the student to %s", out)
+        logger.info("exported the student to %s%s", out, "" if lora is None else f" ({lora.kind})")
+
+
+@dataclass(frozen=True)
+class LoraExport:
+    """How to export a LoRA student: its base model, its peft config, merged or the adapter."""
+
+    base_path: str
+    config: Any
+    merged: bool
+
+    @property
+    def kind(self) -> str:
+        return "LoRA merged" if self.merged else "LoRA adapter"

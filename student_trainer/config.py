@@ -48,7 +48,8 @@ FLAG_GROUPS: dict[str, tuple[str, ...]] = {
         "teacher_max_retries", "prefetch_depth", "top_k", "teacher_ids_encoding", "teacher_cache",
         "teacher_cache_offline",
     ),
-    "Loss": ("loss_type", "beta", "temperature", "tail", "sft_alpha", "sampled_token_class"),
+    "Loss": ("loss_type", "beta", "temperature", "tail", "sft_alpha", "sampled_token_class", "fused_loss"),
+    "LoRA": ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "export"),
     "GKD schedule and generation": ("lmbda", "seq_kd", "max_new_tokens", "generation_temperature"),
     "Rollouts (on-policy steps)": ("rollout_engine", "rollout_kv_cache_gib", "async_rollouts", "max_staleness"),
     "Schedule, checkpoints, evaluation": (
@@ -187,6 +188,27 @@ class TrainerConfig:
         "class with the teacher's log-prob of it (the teacher is asked for k+1 rows and target log-probs)",
         default=True,
     )
+    fused_loss: bool = _help(
+        "compute the loss from the student's final hidden states and output layer in row chunks, never building "
+        "[rows, vocab] logits or their gradient (--no_fused_loss: through the logits; an in-process teacher's "
+        "full-vocabulary rows always are)",
+        default=True,
+    )
+
+    # --- LoRA
+    lora_r: int = _help("LoRA rank (peft); 0 trains every weight of the student", default=0)
+    lora_alpha: float = _help("LoRA scaling numerator (the update is scaled by lora_alpha / lora_r)", default=32.0)
+    lora_dropout: float = _help("dropout on the LoRA branch's input", default=0.05)
+    lora_target_modules: str = _help(
+        "modules that get adapters: comma-separated names (q_proj,v_proj) or peft's 'all-linear' (every linear "
+        "layer but the output layer)",
+        default="all-linear",
+    )
+    export: Literal["merged", "adapter"] = _help(
+        "with LoRA, what output_dir/final holds: the adapter merged into a plain model (loads with "
+        "from_pretrained), or the adapter alone (peft's save_pretrained)",
+        default="merged",
+    )
 
     # --- GKD schedule and generation
     lmbda: float = _help(
@@ -272,6 +294,17 @@ class TrainerConfig:
                 "--tail tail at --temperature != 1 needs the teacher's rows at that temperature, which a vLLM "
                 "server does not compute (--teacher_api vllm); use --tail renorm, or --teacher_api gkd"
             )
+        if (
+            not self.local_teacher
+            and self.fused_loss
+            and self.tail == "tail"
+            and self.temperature != 1.0
+            and self.sft_alpha > 0
+        ):
+            raise ValueError(
+                "--fused_loss takes --sft_alpha with --tail tail at --temperature 1 only (the cross-entropy needs the "
+                "temperature-1 normalizer); pass --no_fused_loss, --tail renorm or --temperature 1"
+            )
         if self.teacher_cache is not None and self.tail == "tail" and self.temperature != 1.0:
             raise ValueError(
                 "--teacher_cache holds raw (temperature 1) rows, whose tail is known at temperature 1 only: "
@@ -306,6 +339,14 @@ class TrainerConfig:
                 f"--max_completion_length {self.max_completion_length} leaves no room for the prompt inside "
                 f"--max_length {self.max_length} (the total)"
             )
+        if self.lora_r < 0:
+            raise ValueError(f"--lora_r must be >= 0 (0 = no LoRA), got {self.lora_r}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.lora_r and not self.lora_target_modules_list:
+            raise ValueError("--lora_target_modules names no module")
+        if self.export == "adapter" and not self.lora_r:
+            raise ValueError("--export adapter needs a LoRA run (--lora_r > 0)")
         if self.sft_alpha < 0:
             raise ValueError(f"--sft_alpha must be >= 0, got {self.sft_alpha}")
         if not 0.0 <= self.lmbda <= 1.0:
@@ -338,6 +379,8 @@ class TrainerConfig:
         """--rollout_engine, --async_rollouts, --max_staleness and --loss sampled_kl."""
         if self.rollout_engine == "vllm" and self.lmbda == 0:
             raise ValueError("--rollout_engine vllm samples on-policy steps: set --lmbda above 0")
+        if self.rollout_engine == "vllm" and self.lora_r:
+            raise ValueError("--rollout_engine vllm pushes full weights: not with a LoRA student (--lora_r); use hf")
         if self.rollout_kv_cache_gib <= 0:
             raise ValueError(f"--rollout_kv_cache_gib must be > 0, got {self.rollout_kv_cache_gib}")
         if self.max_staleness < 0:
@@ -365,6 +408,13 @@ class TrainerConfig:
                 )
             if self.sft_alpha > 0:
                 raise ValueError("--sft_alpha applies to dataset completions; --loss sampled_kl has none")
+
+    @property
+    def lora_target_modules_list(self) -> list[str] | str:
+        """``--lora_target_modules`` as peft takes it: ``"all-linear"`` or a list of names."""
+        if self.lora_target_modules.strip() == "all-linear":
+            return "all-linear"
+        return [m.strip() for m in self.lora_target_modules.split(",") if m.strip()]
 
     @property
     def local_teacher(self) -> bool:

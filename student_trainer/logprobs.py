@@ -66,7 +66,7 @@ class _ChosenLogProbs(torch.autograd.Function):
         # d out[:, j]/dz = onehot(ids_j) - p;  d tail/dz_v = [v not in ids] p_v / p_tail - p_v.
         # Outside the ids both are multiples of exp(z - base) with base = log(tail mass) where the
         # row has a tail (then p_v = exp(z_v - base) * p_tail): one exp pass per chunk, no masked copy.
-        at_ids = g[:, :k] - g_sum * out[:, :k].exp()
+        at_ids = -g_sum * out[:, :k].exp()  # then + g at each column: scatter_add, as an id may appear twice
         base, coef = lse.unsqueeze(-1), -g_sum
         if ctx.with_tail:
             has_tail = torch.isfinite(rest[0]).unsqueeze(-1)
@@ -77,6 +77,7 @@ class _ChosenLogProbs(torch.autograd.Function):
             rows = slice(i, i + ROW_CHUNK)
             chunk = torch.sub(_acc(logits[rows]), base[rows]).exp_().mul_(coef[rows])
             chunk.scatter_(-1, ids[rows], at_ids[rows])  # overwrites entries that may have overflowed
+            chunk.scatter_add_(-1, ids[rows], g[rows, :k])
             grad[rows] = chunk
         return grad, None, None
 

@@ -38,6 +38,7 @@ __all__ = [
     "gkd_full_vocab_loss",
     "gkd_topk_loss",
     "kl_div_log",
+    "teacher_distribution",
     "topk_distributions",
 ]
 
@@ -54,10 +55,10 @@ class LossConfig:
 
 
 def kl_div_log(p_log: torch.Tensor, q_log: torch.Tensor) -> torch.Tensor:
-    """KL(p||q) per row from log-probs, treating 0 * log 0 (p = 0) as 0."""
+    """KL(p||q) per row from log-probs, treating 0 * log 0 (p = 0) as 0, in value and gradient."""
     p = p_log.exp()
-    terms = torch.where(p > 0, p * (p_log - q_log), torch.zeros_like(p))
-    return terms.sum(dim=-1)
+    live = p > 0
+    return (p * torch.where(live, p_log - q_log, torch.zeros_like(p))).sum(dim=-1)
 
 
 def generalized_jsd(student_log: torch.Tensor, teacher_log: torch.Tensor, beta: float) -> torch.Tensor:
@@ -68,7 +69,11 @@ def generalized_jsd(student_log: torch.Tensor, teacher_log: torch.Tensor, beta: 
         return kl_div_log(teacher_log, student_log)
     if beta == 1.0:
         return kl_div_log(student_log, teacher_log)
-    mixture = torch.logsumexp(torch.stack([student_log + math.log(1.0 - beta), teacher_log + math.log(beta)]), dim=0)
+    # a class empty on both sides (a tail when k covers the vocabulary) has an empty mixture, and a zero gradient
+    empty = torch.isneginf(student_log) & torch.isneginf(teacher_log)
+    s, t = (torch.where(empty, torch.zeros_like(x), x) for x in (student_log, teacher_log))
+    mixture = torch.logsumexp(torch.stack([s + math.log(1.0 - beta), t + math.log(beta)]), dim=0)
+    mixture = torch.where(empty, torch.full_like(mixture, float("-inf")), mixture)
     return beta * kl_div_log(teacher_log, mixture) + (1.0 - beta) * kl_div_log(student_log, mixture)
 
 
@@ -88,13 +93,32 @@ def topk_distributions(
     ``teacher_tempered``: the teacher's rows (and tail) are already log_softmax(logits / temperature),
     so they are used as they are and the tail class works at any temperature.
     """
+    t_log = teacher_distribution(teacher_logprobs, temperature, tail, teacher_tail_logmass, teacher_tempered)
+    ids = teacher_ids.long()
+    if tail == "renorm":
+        s_at = student_logits.gather(-1, ids)
+        s_at = s_at.to(torch.promote_types(s_at.dtype, torch.float32)) / temperature  # fp32, or fp64 in tests
+        return F.log_softmax(s_at, dim=-1), t_log
+    scaled = student_logits if temperature == 1.0 else student_logits / temperature
+    return chosen_logprobs(scaled, ids, with_tail=True), t_log
+
+
+def teacher_distribution(
+    teacher_logprobs: torch.Tensor,
+    temperature: float = 1.0,
+    tail: TailMode = "tail",
+    teacher_tail_logmass: torch.Tensor | None = None,
+    teacher_tempered: bool = False,
+) -> torch.Tensor:
+    """The teacher's log-distribution on its top-k support, [N, k] (renorm) or [N, k+1] (tail), fp32.
+
+    Shared by the logits loss and the fused output-layer loss, so both read the teacher alike.
+    """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    ids = teacher_ids.long()
     t_at = teacher_logprobs.float() if teacher_tempered else teacher_logprobs.float() / temperature
     if tail == "renorm":
-        s_at = student_logits.gather(-1, ids).float() / temperature
-        return F.log_softmax(s_at, dim=-1), F.log_softmax(t_at, dim=-1)
+        return F.log_softmax(t_at, dim=-1)
     if tail != "tail":
         raise ValueError(f"tail must be 'renorm' or 'tail', got {tail!r}")
     if temperature != 1.0 and not teacher_tempered:
@@ -102,12 +126,11 @@ def topk_distributions(
             "tail='tail' at temperature != 1 needs teacher rows computed at that temperature: the tail mass of "
             "raw rows is only known at temperature 1"
         )
-    s_log = chosen_logprobs(student_logits if temperature == 1.0 else student_logits / temperature, ids, with_tail=True)
     if teacher_tail_logmass is not None:
         t_tail = teacher_tail_logmass.float().unsqueeze(-1)
     else:
         t_tail = tail_from_topk(t_at).unsqueeze(-1)
-    return s_log, torch.cat([t_at, t_tail], dim=-1)
+    return torch.cat([t_at, t_tail], dim=-1)
 
 
 def gkd_topk_loss(

@@ -14,7 +14,7 @@ from student_trainer.data import Batch
 from student_trainer.loss import LossConfig, completion_cross_entropy
 from student_trainer.normalization import all_reduce_sum, loss_scale
 from student_trainer.sampled_kl import sampled_kl_loss
-from student_trainer.teacher.rows import Handle, TeacherRows
+from student_trainer.teacher.rows import Handle, TeacherRows, TopkRows
 
 
 class NonFiniteLossError(RuntimeError):
@@ -43,12 +43,15 @@ def train_step(
     loss: LossConfig,
     sft_alpha: float = 0.0,
     step: int = 0,
+    fused_loss: bool = False,
     objective: str = "gkd",
 ) -> StepStats:
     """Forward and backward every micro-batch of one step; DeepSpeed steps the optimizer after the last one.
 
     The loss is normalized by the loss tokens of the whole step on all ranks (not per micro-batch).
     ``sft_alpha`` > 0 adds the cross-entropy on the micro-batches' completions (dataset steps only).
+    ``fused_loss`` computes top-k rows' loss from the hidden states (the engine's module built with ``fused=True``);
+    an in-process teacher's full-vocabulary rows always take the logits path.
     ``objective`` ``sampled_kl`` (``--loss``) trains on the teacher's log-probs of the sampled tokens instead.
     """
     device = engine.device
@@ -62,18 +65,25 @@ def train_step(
         rows = handle.result()
         stats.teacher_wait_s += time.perf_counter() - waited
         b_idx, t_idx = batch.row_index(device)
-        input_ids = batch.input_ids.to(device)
-        logits = engine(input_ids, batch.attention_mask.to(device), b_idx, t_idx)
-        if objective == "sampled_kl":
-            labels = next_token_labels(input_ids, b_idx, t_idx)
-            gkd_sum = sampled_kl_loss(logits, labels, rows.label_logprobs(labels)).sum()
+        input_ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
+        labels = next_token_labels(input_ids, b_idx, t_idx) if sft_alpha > 0 else None
+        if objective == "sampled_kl":  # the sampled tokens' log-probs, through the logits
+            logits = engine(input_ids, mask, b_idx, t_idx)
+            sampled = next_token_labels(input_ids, b_idx, t_idx)
+            gkd_sum = loss_sum = sampled_kl_loss(logits, sampled, rows.label_logprobs(sampled)).sum()
+        elif fused_loss and isinstance(rows, TopkRows):  # from hidden states and the output layer, chunk by chunk
+            out = engine(input_ids, mask, b_idx, t_idx, targets=rows.fused_targets(device, loss, labels, sft_alpha))
+            gkd_sum, loss_sum = out.gkd, out.total
+            if labels is not None:
+                stats.ce += float(out.ce)
         else:
+            logits = engine(input_ids, mask, b_idx, t_idx)
             gkd_sum = rows.gkd_loss(logits, loss).sum()
-        loss_sum = gkd_sum
-        if sft_alpha > 0:
-            ce_sum = completion_cross_entropy(logits, next_token_labels(input_ids, b_idx, t_idx)).sum()
-            loss_sum = gkd_sum + sft_alpha * ce_sum
-            stats.ce += float(ce_sum.detach())
+            loss_sum = gkd_sum
+            if labels is not None:
+                ce_sum = completion_cross_entropy(logits, labels).sum()
+                loss_sum = gkd_sum + sft_alpha * ce_sum
+                stats.ce += float(ce_sum.detach())
         if not torch.isfinite(loss_sum):
             raise NonFiniteLossError(f"loss is {float(loss_sum)} at step {step} (rank {dist.get_rank()})")
         engine.backward(loss_sum * scale)

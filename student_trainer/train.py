@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from student_trainer.checkpoint import (
     CHECKPOINTS_DIR,
+    LoraExport,
     export_pretrained,
     load_checkpoint,
     resolve_resume,
@@ -27,6 +28,7 @@ from student_trainer.data import DataError, DataSource, Example, ShardedBatches,
 from student_trainer.data.sources import split_off_eval, stream_for_rank
 from student_trainer.evaluate import sharded_eval
 from student_trainer.logs import RunLog, quiet_upstream_warnings
+from student_trainer.lora import lora_config, with_lora
 from student_trainer.modeling import RowLogitsLM
 from student_trainer.rollout import (
     OnPolicy,
@@ -72,13 +74,20 @@ def train(config: TrainerConfig) -> dict[str, float]:
         else open_teacher(config, tokenizer, vocab)
     )
     generator = teacher_generator(config, teacher)  # --seq_kd: in process, or through the service
+    lora = None
+    if config.lora_r:
+        lora_cfg = lora_config(config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules_list)
+        lora = LoraExport(config.model_name_or_path, lora_cfg, merged=config.export == "merged")
     on_policy: OnPolicy | None = None
     try:
         torch.manual_seed(config.seed)
-        student = RowLogitsLM(AutoModelForCausalLM.from_pretrained(config.model_name_or_path, dtype=torch.float32))
-        engine, _, _, _ = deepspeed.initialize(
-            model=student, model_parameters=student.parameters(), config=config.ds_config
-        )
+        model = AutoModelForCausalLM.from_pretrained(config.model_name_or_path, dtype=torch.float32)
+        if lora is not None:
+            model = with_lora(model, lora.config)
+        student = RowLogitsLM(model, fused=config.fused_loss)
+        trainable = [p for p in student.parameters() if p.requires_grad]  # a LoRA student: the adapters only
+        n_trainable, n_params = sum(p.numel() for p in trainable), sum(p.numel() for p in student.parameters())
+        engine, _, _, _ = deepspeed.initialize(model=student, model_parameters=trainable, config=config.ds_config)
         if isinstance(teacher, LocalTeacher):
             teacher.load(engine.device, torch.bfloat16 if config.bf16 else torch.float32)
         if config.lmbda > 0:  # after deepspeed.initialize: a colocated vLLM engine joins torch.distributed
@@ -110,6 +119,12 @@ def train(config: TrainerConfig) -> dict[str, float]:
                 engine.gradient_accumulation_steps(), engine.zero_optimization_stage(), start_step + 1,
                 config.max_steps,
             )  # fmt: skip
+            logger.info(
+                "loss %s; %s",
+                "fused with the output layer (--fused_loss)" if config.fused_loss else "through the logits",
+                f"{n_trainable:,} of {n_params:,} parameters trained"
+                + ("" if lora is None else f" (LoRA r={config.lora_r} on {config.lora_target_modules})"),
+            )
         summary = loop(config, engine, teacher, tokenizer, batches, eval_examples, start_step, generator, on_policy)
     except BaseException:
         if on_policy is not None:
@@ -121,7 +136,7 @@ def train(config: TrainerConfig) -> dict[str, float]:
         teacher.close()
     try:
         if not config.no_export:
-            export_pretrained(engine, tokenizer, out_dir / "final")
+            export_pretrained(engine, tokenizer, out_dir / "final", lora)
         dist.barrier()
     finally:
         if on_policy is not None:  # last: a vLLM engine's shutdown destroys the torch.distributed process group
@@ -239,7 +254,9 @@ def loop(
             # forward/backward: the GKD loss (plus sft_alpha x CE on dataset steps), one optimizer step
             sft_alpha = config.sft_alpha if source == "dataset" else 0.0
             objective = config.loss_type if source == "student" else "gkd"
-            stats = train_step(engine, items, config.loss, sft_alpha, step=step, objective=objective)
+            stats = train_step(
+                engine, items, config.loss, sft_alpha, step=step, fused_loss=config.fused_loss, objective=objective
+            )
             window.add(stats, on_policy=source == "student")
             # log: token means over every rank since the last record
             if step % config.logging_steps == 0 or step == config.max_steps:

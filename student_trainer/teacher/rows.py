@@ -17,6 +17,7 @@ import torch
 from shared.codec import TopkFrame
 from student_trainer.data import Batch
 from student_trainer.loss import LossConfig, gkd_full_vocab_loss, gkd_topk_loss
+from student_trainer.modeling import FusedTargets
 from student_trainer.sampled_support import with_sampled_token
 
 T = TypeVar("T", covariant=True)
@@ -80,6 +81,21 @@ class TopkRows:
             frame.token_ids, frame.logprobs, labels, frame.target_logprobs, frame.tail_logmass
         )
         return TopkRows(dataclasses.replace(frame, token_ids=ids, logprobs=lp, tail_logmass=tail), self.tempered)
+
+    def fused_targets(
+        self, device: torch.device, loss: LossConfig, labels: torch.Tensor | None, sft_alpha: float
+    ) -> FusedTargets:
+        """The rows as the fused output-layer loss takes them (the student's module computes the loss)."""
+        tail = self.frame.tail_logmass
+        return FusedTargets(
+            ids=self.frame.token_ids.to(device),
+            logprobs=self.frame.logprobs.to(device),
+            tail_logmass=None if tail is None else tail.to(device),
+            labels=labels,
+            loss=loss,
+            sft_alpha=sft_alpha,
+            tempered=self.tempered,
+        )
 
 
 @dataclass

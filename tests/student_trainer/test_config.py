@@ -76,6 +76,10 @@ def test_yaml_errors_name_the_key(base: list[str], tmp_path: Path, capsys: pytes
             ["--tail", "tail", "--temperature", "0.5", "--teacher_cache", "cache"],
             "--teacher_cache holds raw (temperature 1) rows",
         ),
+        (
+            ["--tail", "tail", "--temperature", "0.5", "--sft_alpha", "0.1"],
+            "--fused_loss takes --sft_alpha with --tail tail at --temperature 1 only",
+        ),
         (["--max_completion_length", "64", "--max_length", "64"], "--max_completion_length 64 leaves no room"),
         (["--max_completion_length", "0"], "--max_completion_length must be >= 1"),
         (["--lmbda", "1", "--max_new_tokens", "64", "--max_length", "64"], "--max_new_tokens 64 leaves no room"),

@@ -157,6 +157,15 @@ def test_chosen_logprobs_gradient_is_exact(with_tail: bool) -> None:
     assert torch.autograd.gradcheck(lambda x: chosen_logprobs(x, ids, with_tail), (logits,))
 
 
+def test_chosen_logprobs_gradient_with_a_repeated_id() -> None:
+    """An id in two columns (a sampled token that is also in the top-k): both columns' gradients count."""
+    gen = torch.Generator().manual_seed(4)
+    logits = torch.randn(5, 11, generator=gen, dtype=torch.float64).requires_grad_(True)
+    ids = torch.stack([torch.randperm(11, generator=gen)[:4] for _ in range(5)])
+    ids = torch.cat([ids, ids[:, 1:2]], dim=-1)
+    assert torch.autograd.gradcheck(lambda x: chosen_logprobs(x, ids, True), (logits,))
+
+
 def test_chosen_logprobs_covering_the_vocabulary_has_no_nan_gradient() -> None:
     logits = torch.randn(3, 6, requires_grad=True)
     ids = torch.stack([torch.randperm(6) for _ in range(3)])
