@@ -3,12 +3,19 @@
 ``client_state`` holds the step, the data position of the last *consumed* micro-batch
 (the prefetcher reads the data iterator ahead, so the iterator's own position would
 skip the prefetched batches on resume), and every rank's RNG states.
+
+A checkpoint is complete once every rank has written its files: DeepSpeed's ``latest`` file is
+written by rank 0 before the other ranks are known to be done, so after the collective save rank 0
+writes a manifest (:data:`MANIFEST`: every file and its size). ``--resume_from_checkpoint auto``
+resumes from the newest checkpoint whose manifest matches its files, skipping one cut short by a kill.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +27,9 @@ import torch.distributed as dist
 logger = logging.getLogger(__name__)
 
 CHECKPOINTS_DIR = "checkpoints"
+MANIFEST = "gkd_manifest.json"
+AUTO = "auto"
+_TAG = re.compile(r"step-(\d+)")
 
 
 def checkpoint_tag(step: int) -> str:
@@ -40,6 +50,45 @@ def resolve_resume(spec: str, output_dir: str | Path) -> tuple[Path, str]:
     if not (path / tag).is_dir():
         raise FileNotFoundError(f"{latest} names {tag!r}, but {path / tag} does not exist")
     return path, tag
+
+
+def incomplete(path: Path) -> str | None:
+    """Why the checkpoint directory ``path`` cannot be resumed from, or None when its manifest matches."""
+    manifest = path / MANIFEST
+    if not manifest.is_file():
+        return f"no {MANIFEST} (its save did not finish)"
+    try:
+        files: dict[str, int] = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError) as exc:
+        return f"{MANIFEST} is unreadable ({exc})"
+    for name, size in files.items():
+        if not (path / name).is_file():
+            return f"{name} is missing"
+        if (path / name).stat().st_size != size:
+            return f"{name} has {(path / name).stat().st_size} bytes, the manifest says {size}"
+    return None
+
+
+def latest_complete(output_dir: str | Path) -> tuple[Path, str] | None:
+    """(checkpoints root, tag) of the newest complete ``step-N`` in output_dir/checkpoints, or None."""
+    root = Path(output_dir) / CHECKPOINTS_DIR
+    found = [(int(m.group(1)), p) for p in root.glob("step-*") if (m := _TAG.fullmatch(p.name)) and p.is_dir()]
+    for _, path in sorted(found, reverse=True):
+        problem = incomplete(path)
+        if problem is None:
+            return root, path.name
+        logger.warning("not resuming from %s: %s", path, problem)
+    return None
+
+
+def resume_point(spec: str | None, output_dir: str | Path) -> tuple[Path, str] | None:
+    """(root, tag) that ``--resume_from_checkpoint`` names; None starts fresh (no flag, or ``auto`` and no
+    complete checkpoint in output_dir/checkpoints)."""
+    if spec is None:
+        return None
+    if spec == AUTO:
+        return latest_complete(output_dir)
+    return resolve_resume(spec, output_dir)
 
 
 def rng_state() -> dict[str, Any]:
@@ -70,11 +119,24 @@ def save_checkpoint(engine: Any, root: Path, step: int, data_state: dict[str, in
     states: list[Any] = [None] * world
     dist.all_gather_object(states, rng_state())
     client_state = {"step": step, "data": data_state, "rng": states, "world_size": world}
-    frozen = any(not p.requires_grad for p in engine.module.parameters())
-    engine.save_checkpoint(
-        str(root), tag=checkpoint_tag(step), client_state=client_state, exclude_frozen_parameters=frozen
+    tag = checkpoint_tag(step)
+    if dist.get_rank() == 0:  # a tag saved again (a resume from an older checkpoint) is incomplete until done
+        (root / tag / MANIFEST).unlink(missing_ok=True)
+    frozen = any(not p.requires_grad for p in engine.module.parameters())  # LoRA: the adapters only
+    engine.save_checkpoint(  # ends with a barrier: all written
+        str(root), tag=tag, client_state=client_state, exclude_frozen_parameters=frozen
     )
-    logger.info("saved checkpoint %s", root / checkpoint_tag(step))
+    if dist.get_rank() == 0:
+        files = {
+            str(f.relative_to(root / tag)): f.stat().st_size
+            for f in sorted((root / tag).rglob("*"))
+            if f.is_file() and not f.name.startswith(MANIFEST)
+        }
+        partial = root / tag / f"{MANIFEST}.partial"
+        partial.write_text(json.dumps({"step": step, "world_size": world, "files": files}, indent=1))
+        partial.replace(root / tag / MANIFEST)
+    dist.barrier()
+    logger.info("saved checkpoint %s", root / tag)
 
 
 def load_checkpoint(engine: Any, root: Path, tag: str) -> tuple[int, dict[str, int]]:

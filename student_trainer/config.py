@@ -24,7 +24,7 @@ import yaml
 from transformers import HfArgumentParser
 
 from shared.dataset_formats import DatasetFormat, DataSpec, Truncation
-from student_trainer.checkpoint import resolve_resume
+from student_trainer.checkpoint import AUTO, resolve_resume
 from student_trainer.ds_config import DeepSpeedConfigError, load_deepspeed_config
 from student_trainer.loss import LossConfig
 
@@ -248,7 +248,8 @@ class TrainerConfig:
     save_steps: int | None = _help("DeepSpeed checkpoint every N steps (off if unset)", default=None)
     resume_from_checkpoint: str | None = _help(
         "a checkpoint directory (output_dir/checkpoints/step-N), a checkpoints root with a `latest` file, "
-        "or `latest` (output_dir/checkpoints)",
+        "`latest` (output_dir/checkpoints), or `auto`: the newest complete checkpoint in output_dir/checkpoints "
+        "if there is one, else a fresh start (what a restarted pod runs)",
         default=None,
     )
     eval_dataset: str | None = _help(
@@ -572,7 +573,7 @@ def check_files_exist(config: TrainerConfig) -> None:
         if value is None or Path(value).exists() or _is_hub_id(value):
             continue
         raise ValueError(f"{flags.get(name, '--' + name)} {value} does not exist")
-    if config.resume_from_checkpoint is not None:
+    if config.resume_from_checkpoint not in (None, AUTO):
         try:
             resolve_resume(config.resume_from_checkpoint, config.output_dir)
         except FileNotFoundError as exc:

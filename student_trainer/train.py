@@ -16,11 +16,13 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from student_trainer.checkpoint import (
+    AUTO,
     CHECKPOINTS_DIR,
     LoraExport,
+    checkpoint_tag,
     export_pretrained,
     load_checkpoint,
-    resolve_resume,
+    resume_point,
     save_checkpoint,
 )
 from student_trainer.config import TrainerConfig, parse_args
@@ -30,6 +32,7 @@ from student_trainer.evaluate import sharded_eval
 from student_trainer.logs import RunLog, quiet_upstream_warnings
 from student_trainer.lora import lora_config, with_lora
 from student_trainer.modeling import RowLogitsLM
+from student_trainer.preemption import PREEMPTED_EXIT_CODE, Preempted, StopSignal
 from student_trainer.rollout import (
     OnPolicy,
     TeacherGenerator,
@@ -48,8 +51,12 @@ from student_trainer.teacher.feed import TeacherFeed
 logger = logging.getLogger("student_trainer")
 
 
-def train(config: TrainerConfig) -> dict[str, float]:
-    """Set up (distributed, logging, teacher handshake, DeepSpeed engine, data, resume), then :func:`loop`."""
+def train(config: TrainerConfig, stop: StopSignal | None = None) -> dict[str, float]:
+    """Set up (distributed, logging, teacher handshake, DeepSpeed engine, data, resume), then :func:`loop`.
+
+    ``stop`` (installed before anything slow) ends the run with a checkpoint on SIGTERM: :class:`Preempted`.
+    """
+    stop = stop or StopSignal()
     import deepspeed
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -104,10 +111,12 @@ def train(config: TrainerConfig) -> dict[str, float]:
             on_policy = OnPolicy(config, engine, rollouts, teacher, sampling)
         batches, eval_examples = load_data(config, tokenizer, engine.train_micro_batch_size_per_gpu())
         start_step = 0
-        if config.resume_from_checkpoint is not None:
-            root, tag = resolve_resume(config.resume_from_checkpoint, out_dir)
-            start_step, data_state = load_checkpoint(engine, root, tag)
+        resume = agreed_resume_point(config.resume_from_checkpoint, out_dir)
+        if resume is not None:
+            start_step, data_state = load_checkpoint(engine, *resume)
             batches.load_state_dict(data_state)
+        elif config.resume_from_checkpoint == AUTO and rank == 0:
+            logger.info("--resume_from_checkpoint auto: no complete checkpoint in %s, starting fresh", out_dir)
         if start_step >= config.max_steps:
             raise ValueError(
                 f"--resume_from_checkpoint is at step {start_step}, not before --max_steps {config.max_steps}"
@@ -125,7 +134,9 @@ def train(config: TrainerConfig) -> dict[str, float]:
                 f"{n_trainable:,} of {n_params:,} parameters trained"
                 + ("" if lora is None else f" (LoRA r={config.lora_r} on {config.lora_target_modules})"),
             )
-        summary = loop(config, engine, teacher, tokenizer, batches, eval_examples, start_step, generator, on_policy)
+        summary = loop(
+            config, engine, teacher, tokenizer, batches, eval_examples, start_step, stop, generator, on_policy
+        )
     except BaseException:
         if on_policy is not None:
             on_policy.close()
@@ -142,6 +153,21 @@ def train(config: TrainerConfig) -> dict[str, float]:
         if on_policy is not None:  # last: a vLLM engine's shutdown destroys the torch.distributed process group
             on_policy.close()
     return summary
+
+
+def agreed_resume_point(spec: str | None, out_dir: Path) -> tuple[Path, str] | None:
+    """Rank 0's reading of ``--resume_from_checkpoint`` for every rank: with ``auto``, ranks reading the
+    checkpoints directory each for themselves could see it differently (a network filesystem's caches)."""
+    answer: list[Any] = [None]
+    if dist.get_rank() == 0:
+        try:
+            answer[0] = resume_point(spec, out_dir)
+        except FileNotFoundError as exc:  # gone since the flags were checked: every rank stops, not rank 0 alone
+            answer[0] = f"--resume_from_checkpoint: {exc}"
+    dist.broadcast_object_list(answer, src=0)
+    if isinstance(answer[0], str):
+        raise FileNotFoundError(answer[0])
+    return answer[0]
 
 
 @contextlib.contextmanager
@@ -204,11 +230,14 @@ def loop(
     batches: ShardedBatches | StreamingBatches,
     eval_examples: Sequence[Example] | None,
     start_step: int,
+    stop: StopSignal,
     generator: TeacherGenerator | None = None,
     on_policy: OnPolicy | None = None,
 ) -> dict[str, float]:
     """Steps ``start_step + 1 .. max_steps``; returns the last log record and evaluation.
 
+    After each optimizer step the ranks agree whether any got SIGTERM; if so all save a checkpoint of that
+    step and :class:`Preempted` is raised (the last step is finished as usual instead).
     With ``--async_rollouts`` the next step's micro-batches are taken from the feed before this step trains
     (their completions are sampled meanwhile); a checkpoint still records the data position of this step's.
     """
@@ -225,6 +254,8 @@ def loop(
     started, window, last = time.perf_counter(), LogWindow(), {}
     ahead: tuple[int, list[Any], dict[str, int]] | None = None  # the next step's micro-batches, taken early
     try:
+        if stop.agreed(engine.device):  # SIGTERM during set-up: nothing trained since start_step
+            raise Preempted(start_step, None)
         for step in range(start_step + 1, config.max_steps + 1):
             # fetch: this step's micro-batches; dataset steps' teacher rows are already in flight
             source = step_source(config.seed, step, config.lmbda, config.seq_kd)
@@ -258,8 +289,10 @@ def loop(
                 engine, items, config.loss, sft_alpha, step=step, fused_loss=config.fused_loss, objective=objective
             )
             window.add(stats, on_policy=source == "student")
+            # preempted (SIGTERM on any rank): every rank stops after this same step, with a checkpoint
+            stopping = step < config.max_steps and stop.agreed(engine.device)
             # log: token means over every rank since the last record
-            if step % config.logging_steps == 0 or step == config.max_steps:
+            if step % config.logging_steps == 0 or step == config.max_steps or stopping:
                 last = window.record(engine.device, with_ce=config.sft_alpha > 0)
                 last.update(lr=float(engine.get_lr()[0]), elapsed_s=time.perf_counter() - started)
                 if on_policy is not None:  # rank 0's rollout timings and staleness
@@ -273,8 +306,10 @@ def loop(
                 )
                 window = LogWindow()
             # checkpoint: the data position of the last micro-batch consumed, not of the prefetched ones
-            if config.save_steps and step % config.save_steps == 0:
+            if stopping or (config.save_steps and step % config.save_steps == 0):
                 save_checkpoint(engine, out_dir / CHECKPOINTS_DIR, step, data_state)
+            if stopping:
+                raise Preempted(step, out_dir / CHECKPOINTS_DIR / checkpoint_tag(step))
             # evaluate
             if eval_examples is not None and config.eval_steps and step % config.eval_steps == 0:
                 last = {**last, **evaluate(config, engine, teacher, tokenizer, eval_examples, run_log, step)}
@@ -318,10 +353,20 @@ def evaluate(
 
 
 def main() -> None:
+    stop = StopSignal()  # first: a SIGTERM while the trainer sets up must not kill it
     quiet_upstream_warnings()
     config = parse_args()
     try:
-        train(config)
+        train(config, stop)
+    except Preempted as exc:
+        if dist.get_rank() == 0:
+            logger.warning(
+                "training preempted: %s; exiting with %d so that the run is started again, and continues with "
+                "--resume_from_checkpoint auto",
+                exc,
+                PREEMPTED_EXIT_CODE,
+            )
+        sys.exit(PREEMPTED_EXIT_CODE)
     except (TeacherError, NonFiniteLossError, DataError) as exc:
         logger.error("training stopped: %s", exc)
         sys.exit(2)

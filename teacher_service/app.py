@@ -21,6 +21,7 @@ from teacher_service import ops
 from teacher_service.api import API_ROUTERS
 from teacher_service.config import ServiceConfig
 from teacher_service.deps import require_api_key
+from teacher_service.disconnect import CancelOnDisconnect
 from teacher_service.engines.base import TeacherEngine
 from teacher_service.errors import install_error_handlers
 from teacher_service.metrics import ServiceMetrics
@@ -71,7 +72,7 @@ async def _load_engine(app: FastAPI, engine: TeacherEngine, config: ServiceConfi
         os.kill(os.getpid(), signal.SIGTERM)
         return
     if engine.batches_internally:
-        app.state.scorer = DirectScorer(engine)
+        app.state.scorer = DirectScorer(engine, app.state.metrics)
     else:
         batcher = MicroBatcher(
             engine, config.max_batch_tokens, config.batch_wait_ms / 1000, config.max_batch_requests, app.state.metrics
@@ -118,5 +119,6 @@ def create_app(config: ServiceConfig, engine: TeacherEngine | None = None) -> Fa
     app.include_router(ops.router)
     for router in API_ROUTERS:
         app.include_router(router, dependencies=[Depends(require_api_key)])
+    app.add_middleware(CancelOnDisconnect)  # inside the request context, which logs and counts what it cancels
     app.add_middleware(RequestContextMiddleware, metrics=app.state.metrics)
     return app

@@ -9,7 +9,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from teacher_service.config import ServiceConfig
-from teacher_service.engines.base import TeacherEngine
+from teacher_service.engines.base import EngineDeadError, TeacherEngine
 from teacher_service.errors import ServiceError
 from teacher_service.metrics import ServiceMetrics
 from teacher_service.scheduling import Admission, Scorer
@@ -26,12 +26,16 @@ def get_metrics(request: Request) -> ServiceMetrics:
 
 
 def get_engine(request: Request) -> TeacherEngine:
-    """The engine, once it is loaded and warmed up; 503 + Retry-After before that."""
+    """The engine, once it is loaded and warmed up, and while it lives; 503 + Retry-After otherwise."""
+    retry = {"Retry-After": str(NOT_READY_RETRY_AFTER_S)}
     if not request.app.state.ready:
-        raise ServiceError(
-            503, "the teacher is still loading its model", headers={"Retry-After": str(NOT_READY_RETRY_AFTER_S)}
-        )
-    return request.app.state.engine
+        raise ServiceError(503, "the teacher is still loading its model", headers=retry)
+    engine: TeacherEngine = request.app.state.engine
+    try:
+        engine.check_health()
+    except EngineDeadError as exc:
+        raise ServiceError(503, f"{exc}; the service is to be restarted", headers=retry) from exc
+    return engine
 
 
 def get_scorer(request: Request, engine: Annotated[TeacherEngine, Depends(get_engine)]) -> Scorer:

@@ -41,6 +41,19 @@ class ServiceMetrics:
             "gkd_teacher_batch_tokens", "Tokens per engine call", buckets=_TOKEN_BUCKETS, registry=r
         )
         self.ready = Gauge("gkd_teacher_ready", "1 once the engine is loaded and warmed up", registry=r)
+        self.cancelled_requests = Counter(
+            "gkd_teacher_cancelled_requests",
+            "Requests whose client disconnected or timed out before the answer (their work was cancelled)",
+            ["route"],
+            registry=r,
+        )
+        self.cancelled_jobs = Counter(
+            "gkd_teacher_cancelled_jobs",
+            "Scoring jobs of departed clients by stage: queued (dropped before any engine work), running (its "
+            "transformers batch ran on, its rows were dropped), engine (its vLLM requests were aborted)",
+            ["stage"],
+            registry=r,
+        )
 
     def observe_batch(self, requests: int, sequences: int, tokens: int) -> None:
         self.batch_requests.observe(requests)

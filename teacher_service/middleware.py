@@ -7,8 +7,10 @@ import logging
 import time
 import uuid
 
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from teacher_service.disconnect import CLIENT_CLOSED_REQUEST, ClientGone
 from teacher_service.errors import error_type
 from teacher_service.metrics import ServiceMetrics
 
@@ -48,12 +50,16 @@ class RequestContextMiddleware:
 
         try:
             await self.app(scope, receive, send_with_id)
+        except (ClientGone, ClientDisconnect):  # nobody to answer (gone during or after its body): not an error
+            status = CLIENT_CLOSED_REQUEST
         finally:
             elapsed = time.perf_counter() - started
             route = getattr(scope.get("route"), "path", "unmatched")
             self.metrics.requests.labels(route, str(status)).inc()
+            if status == CLIENT_CLOSED_REQUEST:
+                self.metrics.cancelled_requests.labels(route).inc()
             self.metrics.latency.labels(route).observe(elapsed)
-            if status >= 400:
+            if 400 <= status != CLIENT_CLOSED_REQUEST:
                 self.metrics.errors.labels(error_type(status)).inc()
             if route not in ("/health", "/ready", "/metrics"):
                 logger.info(

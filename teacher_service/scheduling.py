@@ -4,6 +4,10 @@ Concurrent requests (one per trainer rank, typically) are grouped into one forwa
 pass under a token budget, waiting at most ``max_wait_s`` for company; results are
 routed back to each caller. Admission keeps the number of jobs in the service
 bounded, so overload turns into 429 + Retry-After instead of unbounded memory.
+
+A caller that leaves (its request cancelled when its client disconnects, see
+:mod:`teacher_service.disconnect`) leaves no work behind: its queued job is dropped before a
+batch is formed, and cancelling :meth:`DirectScorer.score` cancels the engine's own requests.
 """
 
 from __future__ import annotations
@@ -41,15 +45,23 @@ class Scorer(Protocol):
 
 
 class DirectScorer:
-    """Jobs straight to an engine that schedules concurrent requests itself (vLLM): nothing queues here."""
+    """Jobs straight to an engine that schedules concurrent requests itself (vLLM): nothing queues here.
+
+    A cancelled caller cancels the engine's coroutine, which aborts its requests (vLLM: ``AsyncLLM.abort``).
+    """
 
     depth = 0
 
-    def __init__(self, engine: TeacherEngine) -> None:
-        self.engine = engine
+    def __init__(self, engine: TeacherEngine, metrics: ServiceMetrics | None = None) -> None:
+        self.engine, self.metrics = engine, metrics
 
     async def score(self, job: ScoreJob) -> TopkFrame:
-        return await self.engine.score(job)
+        try:
+            return await self.engine.score(job)
+        except asyncio.CancelledError:
+            if self.metrics is not None:
+                self.metrics.cancelled_jobs.labels("engine").inc()
+            raise
 
     async def close(self) -> None:
         """Nothing of its own to stop: the engine is closed by the app's lifespan."""
@@ -121,7 +133,15 @@ class MicroBatcher:
         return await pending.future
 
     async def _next(self, timeout: float | None) -> _Pending | None:
-        """The next job: carried over, queued, or (within ``timeout``; None = forever) arriving."""
+        """The next job whose caller still waits: carried over, queued, or (within ``timeout``; None = forever)
+        arriving. Jobs of callers that left are dropped here, before they take a place in a batch."""
+        while True:
+            pending = await self._next_any(timeout)
+            if pending is None or not pending.future.done():
+                return pending
+            self._dropped("queued")
+
+    async def _next_any(self, timeout: float | None) -> _Pending | None:
         if self._carry:
             return self._carry.popleft()
         if timeout is None:
@@ -135,6 +155,10 @@ class MicroBatcher:
             return await asyncio.wait_for(self._queue.get(), timeout)
         except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
             return None
+
+    def _dropped(self, stage: str, n: int = 1) -> None:
+        if self.metrics is not None and n:
+            self.metrics.cancelled_jobs.labels(stage).inc(n)
 
     async def _collect(self) -> list[_Pending]:
         first = await self._next(None)
@@ -158,7 +182,9 @@ class MicroBatcher:
 
     async def _run_forever(self) -> None:
         while True:
-            batch = [p for p in await self._collect() if not p.future.done()]  # drop callers that left
+            collected = await self._collect()
+            batch = [p for p in collected if not p.future.done()]  # callers that left while it waited for company
+            self._dropped("queued", len(collected) - len(batch))
             if not batch:
                 continue
             await self._run(batch)
@@ -191,6 +217,8 @@ class MicroBatcher:
         for p, result in zip(batch, results, strict=True):
             if not p.future.done():
                 p.future.set_result(result)
+            else:  # left while its batch ran: a transformers forward cannot be stopped midway
+                self._dropped("running")
 
 
 def _only_requested(frame: TopkFrame, job: ScoreJob) -> TopkFrame:

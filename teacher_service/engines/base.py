@@ -14,6 +14,10 @@ from shared.fingerprint import tokenizer_fingerprint
 from teacher_service.engines.generation import Completion, GenerateJob
 
 
+class EngineDeadError(RuntimeError):
+    """The engine can no longer serve; only a restart of the service brings it back."""
+
+
 @dataclass(frozen=True)
 class ScoreJob:
     """One validated batch to score: the rows ``row_spans[b]`` of each sequence (spans as in
@@ -97,6 +101,11 @@ class TeacherEngine(abc.ABC):
     @abc.abstractmethod
     async def score(self, job: ScoreJob) -> TopkFrame:
         """Top-k rows of every span of every sequence, logprobs float32, sorted descending per row."""
+
+    def check_health(self) -> None:
+        """Raise :class:`EngineDeadError` once the engine can no longer serve (its worker processes died):
+        ``/health`` then fails, so that the orchestrator restarts the service. An in-process engine lives
+        and dies with the service."""
 
     async def close(self) -> None:
         """Release the engine's resources."""

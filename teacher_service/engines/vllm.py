@@ -29,7 +29,7 @@ from shared.alignment import RowSpan, tokens_for_spans
 from shared.codec import TopkFrame
 from shared.logmath import tail_from_topk
 from shared.vllm_logprobs import PromptLogprobsError, PromptRows, rows_from_prompt_logprobs
-from teacher_service.engines.base import ModelDirEngine, ScoreJob
+from teacher_service.engines.base import EngineDeadError, ModelDirEngine, ScoreJob
 from teacher_service.engines.generation import Completion, GenerateJob
 
 if TYPE_CHECKING:
@@ -274,6 +274,13 @@ class VLLMEngine(ModelDirEngine):
         if final.prompt_logprobs is None:
             raise RuntimeError(f"vLLM request {request_id} returned no prompt log-probs")
         return final.prompt_logprobs
+
+    def check_health(self) -> None:
+        """Dead once vLLM marks itself errored: its engine core process exited (vLLM's monitor thread sees it)
+        or its output handler failed. ``AsyncLLM.check_health`` reads the same ``errored`` flag."""
+        engine = self._engine
+        if engine is not None and engine.errored:
+            raise EngineDeadError("the vLLM engine died (engine core process gone or output handler failed)")
 
     async def close(self) -> None:
         """Stop the engine core and workers; dropping the last reference keeps AsyncLLM.__del__ quiet at exit."""

@@ -113,6 +113,13 @@ def check_command(where: str, argv: list[str], in_cluster: bool = False) -> None
     """Run the parser of the program `argv` starts; unknown programs fail (cover them here)."""
     assert argv, f"{where}: empty command"
     program = argv[0]
+    if program in ("python", "python3") and argv[1] == "/app/deploy/relay_sigterm.py":
+        assert argv[2:3] == ["deepspeed"], f"{where}: relay_sigterm.py runs the DeepSpeed launcher"
+        check_command(where, argv[2:], in_cluster)
+        assert "--resume_from_checkpoint" in argv and argv[argv.index("--resume_from_checkpoint") + 1] == "auto", (
+            f"{where}: a restarted trainer continues by itself only with --resume_from_checkpoint auto"
+        )
+        return
     if program in ("python", "python3") and argv[1] == "-m":
         module, args = argv[2], argv[3:]
     elif program in ("python", "python3") and argv[1] == "/app/deploy/healthcheck.py":

@@ -154,3 +154,11 @@ def parse_duration(text: str) -> float:
     parts = re.findall(r"(\d+(?:\.\d+)?)(ms|h|m|s)", text)
     assert parts and "".join(n + u for n, u in parts) == text, text
     return sum(float(n) * units[u] for n, u in parts)
+
+
+def test_trainer_stops_with_a_checkpoint_and_resumes() -> None:
+    """`docker compose stop` reaches the ranks through the relay, with time for a step and a checkpoint."""
+    for name, paths in COMPOSE_MODELS.items():
+        trainer = load_compose(*paths)["services"]["trainer"]
+        assert trainer["command"][:3] == ["python3", "/app/deploy/relay_sigterm.py", "deepspeed"], name
+        assert parse_duration(trainer["stop_grace_period"]) >= 60, name

@@ -287,3 +287,25 @@ def test_hpa_owns_the_teacher_replica_count(rendered: RenderedManifests) -> None
         assert "replicas" not in deployment["spec"], "a fixed replica count would fight the HPA"
         assert 2 <= hpa["minReplicas"] <= hpa["maxReplicas"]
     assert one(rendered["cpu"], "Deployment", "gkd-teacher")["spec"]["replicas"] == 1
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_a_preempted_trainer_pod_is_replaced_and_resumes(rendered: RenderedManifests, variant: str) -> None:
+    """SIGTERM reaches the ranks (the relay), the grace period leaves time for a step and a checkpoint, the
+    exit code 143 of a preempted trainer and a disruption do not count as failures (a new pod runs), and the
+    new pod's trainer resumes by itself (test_commands.py checks --resume_from_checkpoint auto)."""
+    jobs = [d for d in rendered[variant] if d["kind"] == "Job"]
+    assert jobs, variant
+    for job in jobs:
+        spec = job["spec"]
+        pod = spec["template"]["spec"]
+        assert pod["restartPolicy"] == "Never"  # podFailurePolicy requires it
+        assert pod.get("terminationGracePeriodSeconds", 30) >= 120, f"{variant}: grace period"
+        (trainer,) = [c for c in pod["containers"] if c["name"] == "trainer"]
+        assert trainer["command"][:3] == ["python3", "/app/deploy/relay_sigterm.py", "deepspeed"], variant
+        assert argv_value(trainer["args"], "--save_steps"), f"{variant}: no periodic checkpoint for a SIGKILL"
+        rules = spec["podFailurePolicy"]["rules"]
+        on_exit = {"containerName": "trainer", "operator": "In", "values": [143]}
+        assert {"action": "Ignore", "onExitCodes": on_exit} in rules, variant
+        disrupted = [{"type": "DisruptionTarget", "status": "True"}]
+        assert {"action": "Ignore", "onPodConditions": disrupted} in rules, variant

@@ -14,14 +14,18 @@ to 1e-5 in probability and, where above e^-5, to 1e-3 in log.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
+import psutil
 import pytest
 import torch
 from generation_checks import RANDOM_PROMPT, check_openai_generation, hf_greedy
@@ -212,6 +216,43 @@ class TestEngine:
         job = ScoreJob.from_first_rows(good, [0, 1], 3)
         assert_matches_transformers(loop.run_until_complete(engine.score(job)), job, hf)
 
+    def test_a_cancelled_job_is_aborted_in_vllm(
+        self, engine: VLLMEngine, hf: HFEngine, loop: asyncio.AbstractEventLoop, batch
+    ) -> None:
+        """A job cancelled while vLLM runs it (its client left) leaves no request behind in vLLM: the ones
+        not finished are aborted (AsyncLLM.abort), and the engine goes on serving."""
+        seqs, firsts = batch
+        llm = engine._engine
+        assert llm is not None
+        aborted: list[str] = []
+        abort = llm.abort
+
+        async def recording_abort(request_id: Any, internal: bool = False) -> None:
+            aborted.extend([request_id] if isinstance(request_id, str) else request_id)
+            await abort(request_id, internal)
+
+        async def cancel_while_running() -> int:
+            task = asyncio.ensure_future(engine.score(ScoreJob.from_first_rows(seqs, firsts, TOP_K)))
+            while llm.output_processor.get_num_unfinished_requests() == 0:
+                await asyncio.sleep(0.001)
+            running = llm.output_processor.get_num_unfinished_requests()
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            assert task.cancelled()
+            return running
+
+        llm.abort = recording_abort  # type: ignore[method-assign]
+        try:
+            running = loop.run_until_complete(cancel_while_running())
+        finally:
+            del llm.abort
+        assert running > 0 and len(aborted) > 0, (running, aborted)
+        assert all(r.startswith(engine._id_prefix) for r in aborted)
+        assert llm.output_processor.get_num_unfinished_requests() == 0
+        job = ScoreJob.from_first_rows(seqs[:2], firsts[:2], 3)
+        assert_matches_transformers(loop.run_until_complete(engine.score(job)), job, hf)
+
     def test_generation_matches_transformers(
         self, engine: VLLMEngine, hf: HFEngine, loop: asyncio.AbstractEventLoop
     ) -> None:
@@ -313,6 +354,20 @@ def test_http_service_with_vllm_engine(tiny_assets: TinyAssets, hf: HFEngine, ba
         assert hf._model is not None  # teacher generation, through the openai client
         check_openai_generation(teacher.url, hf._model, hf.tokenizer, MAX_MODEL_LEN)
         assert httpx.get(f"{teacher.url}/health").json() == {"status": "ok"}
+
+        # the engine core process dies: /health fails (the liveness probe restarts the pod), /ready too
+        service = psutil.Process(teacher.proc.pid)
+        cores = [p for p in service.children(recursive=True) if "EngineCore" in " ".join([p.name(), *p.cmdline()])]
+        assert len(cores) == 1, [(p.name(), p.cmdline()) for p in service.children(recursive=True)]
+        cores[0].kill()
+        deadline = time.monotonic() + 60
+        while (health := httpx.get(f"{teacher.url}/health")).status_code == 200:
+            assert time.monotonic() < deadline, "/health still answers 200 with the engine core gone"
+            time.sleep(0.2)
+        assert health.status_code == 503 and "vLLM engine died" in health.json()["error"]["message"]
+        assert httpx.get(f"{teacher.url}/ready").status_code == 503
+        refused = httpx.post(f"{teacher.url}/v1/topk_logprobs", json=body, timeout=60)
+        assert refused.status_code == 503, refused.text
 
 
 @pytest.mark.parametrize(("tensor_parallel", "data_parallel"), [(2, 1), (1, 2)], ids=["tp2", "dp2"])
