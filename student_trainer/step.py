@@ -13,6 +13,7 @@ from shared.alignment import next_token_labels
 from student_trainer.data import Batch
 from student_trainer.loss import LossConfig, completion_cross_entropy
 from student_trainer.normalization import all_reduce_sum, loss_scale
+from student_trainer.sampled_kl import sampled_kl_loss
 from student_trainer.teacher.rows import Handle, TeacherRows, TopkRows
 
 
@@ -43,6 +44,7 @@ def train_step(
     sft_alpha: float = 0.0,
     step: int = 0,
     fused_loss: bool = False,
+    objective: str = "gkd",
 ) -> StepStats:
     """Forward and backward every micro-batch of one step; DeepSpeed steps the optimizer after the last one.
 
@@ -50,6 +52,7 @@ def train_step(
     ``sft_alpha`` > 0 adds the cross-entropy on the micro-batches' completions (dataset steps only).
     ``fused_loss`` computes top-k rows' loss from the hidden states (the engine's module built with ``fused=True``);
     an in-process teacher's full-vocabulary rows always take the logits path.
+    ``objective`` ``sampled_kl`` (``--loss``) trains on the teacher's log-probs of the sampled tokens instead.
     """
     device = engine.device
     stats = StepStats()
@@ -64,7 +67,11 @@ def train_step(
         b_idx, t_idx = batch.row_index(device)
         input_ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
         labels = next_token_labels(input_ids, b_idx, t_idx) if sft_alpha > 0 else None
-        if fused_loss and isinstance(rows, TopkRows):  # from hidden states and the output layer, chunk by chunk
+        if objective == "sampled_kl":  # the sampled tokens' log-probs, through the logits
+            logits = engine(input_ids, mask, b_idx, t_idx)
+            sampled = next_token_labels(input_ids, b_idx, t_idx)
+            gkd_sum = loss_sum = sampled_kl_loss(logits, sampled, rows.label_logprobs(sampled)).sum()
+        elif fused_loss and isinstance(rows, TopkRows):  # from hidden states and the output layer, chunk by chunk
             out = engine(input_ids, mask, b_idx, t_idx, targets=rows.fused_targets(device, loss, labels, sft_alpha))
             gkd_sum, loss_sum = out.gkd, out.total
             if labels is not None:

@@ -35,7 +35,15 @@ from student_trainer.logs import RunLog, quiet_upstream_warnings
 from student_trainer.lora import lora_config, with_lora
 from student_trainer.modeling import RowLogitsLM
 from student_trainer.preemption import PREEMPTED_EXIT_CODE, Preempted, StopSignal
-from student_trainer.rollout import TeacherGenerator, generated_step, teacher_generator
+from student_trainer.rollout import (
+    OnPolicy,
+    TeacherGenerator,
+    generated_step,
+    sampling_for,
+    stop_ids,
+    teacher_generator,
+)
+from student_trainer.rollouts import open_rollout_engine
 from student_trainer.schedule import step_source
 from student_trainer.step import LogWindow, NonFiniteLossError, train_step
 from student_trainer.teacher import LocalTeacher, Teacher, TeacherError, TeacherOutageError, open_teacher
@@ -86,6 +94,7 @@ def train(config: TrainerConfig, stop: StopSignal | None = None) -> dict[str, fl
     if config.lora_r:
         lora_cfg = lora_config(config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules_list)
         lora = LoraExport(config.model_name_or_path, lora_cfg, merged=config.export == "merged")
+    on_policy: OnPolicy | None = None
     try:
         torch.manual_seed(config.seed)
         model = AutoModelForCausalLM.from_pretrained(config.model_name_or_path, dtype=torch.float32)
@@ -97,6 +106,18 @@ def train(config: TrainerConfig, stop: StopSignal | None = None) -> dict[str, fl
         engine, _, _, _ = deepspeed.initialize(model=student, model_parameters=trainable, config=config.ds_config)
         if isinstance(teacher, LocalTeacher):
             teacher.load(engine.device, torch.bfloat16 if config.bf16 else torch.float32)
+        if config.lmbda > 0:  # after deepspeed.initialize: a colocated vLLM engine joins torch.distributed
+            rollouts = open_rollout_engine(
+                config.rollout_engine,
+                engine,
+                config.model_name_or_path,
+                max_model_len=min(config.max_length, engine.module.model.config.max_position_embeddings),
+                seed=config.seed,
+                kv_cache_bytes=int(config.rollout_kv_cache_gib * 2**30),
+                dtype="bfloat16" if config.bf16 else "float32",
+            )
+            sampling = sampling_for(config, stop_ids(engine.module.model, tokenizer), tokenizer.pad_token_id)
+            on_policy = OnPolicy(config, engine, rollouts, teacher, sampling)
         batches, eval_examples = load_data(config, tokenizer, engine.train_micro_batch_size_per_gpu())
         start_step = 0
         resume = agreed_resume_point(config.resume_from_checkpoint, out_dir)
@@ -122,14 +143,24 @@ def train(config: TrainerConfig, stop: StopSignal | None = None) -> dict[str, fl
                 f"{n_trainable:,} of {n_params:,} parameters trained"
                 + ("" if lora is None else f" (LoRA r={config.lora_r} on {config.lora_target_modules})"),
             )
-        summary = loop(config, engine, teacher, tokenizer, batches, eval_examples, start_step, stop, generator)
+        summary = loop(
+            config, engine, teacher, tokenizer, batches, eval_examples, start_step, stop, generator, on_policy
+        )
+    except BaseException:
+        if on_policy is not None:
+            on_policy.close()
+        raise
     finally:
         if generator is not None and generator is not teacher:
             generator.close()
         teacher.close()
-    if not config.no_export:
-        export_pretrained(engine, tokenizer, out_dir / "final", lora)
-    dist.barrier()
+    try:
+        if not config.no_export:
+            export_pretrained(engine, tokenizer, out_dir / "final", lora)
+        dist.barrier()
+    finally:
+        if on_policy is not None:  # last: a vLLM engine's shutdown destroys the torch.distributed process group
+            on_policy.close()
     return summary
 
 
@@ -210,11 +241,14 @@ def loop(
     start_step: int,
     stop: StopSignal,
     generator: TeacherGenerator | None = None,
+    on_policy: OnPolicy | None = None,
 ) -> dict[str, float]:
     """Steps ``start_step + 1 .. max_steps``; returns the last log record and evaluation.
 
     After each optimizer step the ranks agree whether any got SIGTERM; if so all save a checkpoint of that
     step and :class:`Preempted` is raised (the last step is finished as usual instead).
+    With ``--async_rollouts`` the next step's micro-batches are taken from the feed before this step trains
+    (their completions are sampled meanwhile); a checkpoint still records the data position of this step's.
     """
     is_main, gas = dist.get_rank() == 0, engine.gradient_accumulation_steps()
     out_dir = Path(config.output_dir)
@@ -227,17 +261,27 @@ def loop(
         total=config.max_steps, initial=start_step, desc="distilling", unit="step", disable=not is_main, mininterval=1.0
     )
     started, window, last = time.perf_counter(), LogWindow(), {}
+    ahead: tuple[int, list[Any], dict[str, int]] | None = None  # the next step's micro-batches, taken early
+    data_state = feed.consumed_state  # the data position of the last step taken (a checkpoint's)
     try:
         if stop.agreed(engine.device):  # SIGTERM during set-up: nothing trained since start_step
             raise Preempted(start_step, None)
         for step in range(start_step + 1, config.max_steps + 1):
             # fetch: this step's micro-batches; dataset steps' teacher rows are already in flight
             source = step_source(config.seed, step, config.lmbda, config.seq_kd)
-            before = feed.consumed_state
-            items = feed.take(gas)
-            if source != "dataset":  # generate completions, each scored by the teacher as soon as it exists
-                items = generated_step(
-                    config, source, [b for b, _ in items], engine, teacher, tokenizer, step, generator
+            before = data_state  # the position before this step's micro-batches: an outage checkpoints step - 1
+            if ahead is not None and ahead[0] == step:
+                _, items, data_state = ahead
+            else:
+                items = feed.take(gas)
+                data_state = feed.consumed_state
+            if source == "student":  # the student's samples, each scored by the teacher as soon as it exists
+                assert on_policy is not None
+                items = on_policy.items(step, [b for b, _ in items])
+            elif source == "teacher":
+                sampling = sampling_for(config, (tokenizer.eos_token_id,), tokenizer.pad_token_id)
+                items, _ = generated_step(
+                    config, source, [b for b, _ in items], None, teacher, sampling, step, generator
                 )
             # teacher rows: an outage is waited out here; past --teacher_wait_timeout every rank stops together
             # (an in-process teacher computes its rows in the step, one micro-batch at a time, and has no outage)
@@ -248,9 +292,22 @@ def loop(
                 if stop.agreed(engine.device):  # preempted while waiting: a restart resumes from this checkpoint
                     raise Preempted(step - 1, out_dir / CHECKPOINTS_DIR / checkpoint_tag(step - 1)) from None
                 raise
+            # async rollouts: the next on-policy step samples from the weights before this step's update
+            nxt = step + 1
+            if (
+                config.async_rollouts
+                and nxt <= config.max_steps
+                and step_source(config.seed, nxt, config.lmbda, config.seq_kd) == "student"
+            ):
+                assert on_policy is not None
+                ahead = (nxt, feed.take(gas), feed.consumed_state)
+                on_policy.launch(nxt, [b for b, _ in ahead[1]], version=step - 1)
             # forward/backward: the GKD loss (plus sft_alpha x CE on dataset steps), one optimizer step
             sft_alpha = config.sft_alpha if source == "dataset" else 0.0
-            stats = train_step(engine, items, config.loss, sft_alpha, step=step, fused_loss=config.fused_loss)
+            objective = config.loss_type if source == "student" else "gkd"
+            stats = train_step(
+                engine, items, config.loss, sft_alpha, step=step, fused_loss=config.fused_loss, objective=objective
+            )
             stats.teacher_wait_s += waited
             window.add(stats, on_policy=source == "student")
             # preempted (SIGTERM on any rank): every rank stops after this same step, with a checkpoint
@@ -259,6 +316,9 @@ def loop(
             if step % config.logging_steps == 0 or step == config.max_steps or stopping:
                 last = window.record(engine.device, with_ce=config.sft_alpha > 0)
                 last.update(lr=float(engine.get_lr()[0]), elapsed_s=time.perf_counter() - started)
+                if on_policy is not None:  # rank 0's rollout timings and staleness
+                    last.update(on_policy.stats.record())
+                    on_policy.stats.reset()
                 run_log.write("train", step, last)
                 bar.set_postfix(
                     loss=f"{last['loss']:.4f}",
@@ -268,7 +328,7 @@ def loop(
                 window = LogWindow()
             # checkpoint: the data position of the last micro-batch consumed, not of the prefetched ones
             if stopping or (config.save_steps and step % config.save_steps == 0):
-                save_checkpoint(engine, out_dir / CHECKPOINTS_DIR, step, feed.consumed_state)
+                save_checkpoint(engine, out_dir / CHECKPOINTS_DIR, step, data_state)
             if stopping:
                 raise Preempted(step, out_dir / CHECKPOINTS_DIR / checkpoint_tag(step))
             # evaluate

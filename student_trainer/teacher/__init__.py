@@ -33,7 +33,7 @@ from student_trainer.teacher.pool import TeacherPool
 from student_trainer.teacher.prefetch import TeacherPrefetcher
 from student_trainer.teacher.routing import TeacherRouter
 from student_trainer.teacher.rows import Teacher, TeacherRows
-from student_trainer.teacher.service import ServiceTeacher
+from student_trainer.teacher.service import OnPolicyRows, ServiceTeacher
 from student_trainer.teacher.vllm import VllmTeacherClient
 
 if TYPE_CHECKING:
@@ -108,9 +108,23 @@ def open_teacher(
         )
 
     prefetcher = TeacherPrefetcher(router, depth=max(config.prefetch_depth, 1))
+    on_policy_rows: OnPolicyRows = "topk"
+    if config.lmbda > 0 and config.loss_type == "sampled_kl":
+        on_policy_rows = "sampled_only"
+    elif config.lmbda > 0 and config.sampled_token_class:
+        on_policy_rows = "sampled_class"
+    top_k = config.top_k + 1 if on_policy_rows == "sampled_class" else config.top_k
     try:
         probe = (TOKENIZER_PROBE, tokenizer(TOKENIZER_PROBE, add_special_tokens=False).input_ids)
-        infos = prefetcher.run(prefetcher.client.check_compatible(vocab, fingerprint, config.top_k, probe=probe))
+        infos = prefetcher.run(prefetcher.client.check_compatible(vocab, fingerprint, top_k, probe=probe))
+    except TeacherMismatchError as exc:
+        prefetcher.close()
+        if top_k == config.top_k:
+            raise
+        raise TeacherMismatchError(
+            f"{exc} (on-policy steps ask for --top_k + 1 = {top_k} rows for --sampled_token_class: "
+            "lower --top_k or pass --no_sampled_token_class)"
+        ) from exc
     except BaseException:
         prefetcher.close()
         raise
@@ -149,4 +163,5 @@ def open_teacher(
         want_tail=config.tail == "tail",
         prefetch=config.prefetch_depth > 0,
         temperature=config.temperature if at_teacher else 1.0,
+        on_policy_rows=on_policy_rows,
     )

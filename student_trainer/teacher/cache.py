@@ -60,7 +60,11 @@ class CachedTeacher:
         self.hits = self.misses = 0
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="teacher-cache")
 
-    def request(self, batch: Batch) -> Handle[TeacherRows]:
+    def request(self, batch: Batch, on_policy: bool = False) -> Handle[TeacherRows]:
+        if on_policy:  # the student's samples: never seen again, not worth a cache entry
+            if self.inner is None:
+                raise TeacherCacheMissError("on-policy samples need a teacher: not with --teacher_cache_offline")
+            return self.inner.request(batch, on_policy=True)
         context = self.cache.context
         keys = [context.key(seq, spans) for seq, spans in zip(batch.sequences, batch.row_spans, strict=True)]
         found = self.cache.locate(keys)

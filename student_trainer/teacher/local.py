@@ -50,7 +50,7 @@ class LocalTeacher:
             logits = self._rows(batch.input_ids.to(device), batch.attention_mask.to(device), b_idx, t_idx)
         return FullRows(logits)
 
-    def request(self, batch: Batch) -> Handle[TeacherRows]:
+    def request(self, batch: Batch, on_policy: bool = False) -> Handle[TeacherRows]:  # full rows hold every token
         return Deferred(lambda: self.row_logits(batch))
 
     def generate(

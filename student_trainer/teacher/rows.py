@@ -7,6 +7,7 @@ teacher's full-vocabulary logits).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
@@ -17,6 +18,7 @@ from shared.codec import TopkFrame
 from student_trainer.data import Batch
 from student_trainer.loss import LossConfig, gkd_full_vocab_loss, gkd_topk_loss
 from student_trainer.modeling import FusedTargets
+from student_trainer.sampled_support import with_sampled_token
 
 T = TypeVar("T", covariant=True)
 
@@ -64,6 +66,22 @@ class TopkRows:
     def topk(self, k: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         return self.frame.token_ids[:, :k].to(device), self.frame.logprobs[:, :k].to(device)
 
+    def label_logprobs(self, labels: torch.Tensor) -> torch.Tensor:
+        """The teacher's log-prob of each row's actual next token (``--loss sampled_kl``)."""
+        if self.frame.target_logprobs is None:
+            raise ValueError("these teacher rows carry no target_logprobs (request them with the rows)")
+        return self.frame.target_logprobs.float().to(labels.device)
+
+    def with_sampled_token(self, labels: torch.Tensor) -> TopkRows:
+        """Top-(k+1) rows with target log-probs -> rows whose support holds each row's sampled token."""
+        frame = self.frame
+        if frame.target_logprobs is None:
+            raise ValueError("the sampled token needs target_logprobs in the teacher rows")
+        ids, lp, tail = with_sampled_token(
+            frame.token_ids, frame.logprobs, labels, frame.target_logprobs, frame.tail_logmass
+        )
+        return TopkRows(dataclasses.replace(frame, token_ids=ids, logprobs=lp, tail_logmass=tail), self.tempered)
+
     def fused_targets(
         self, device: torch.device, loss: LossConfig, labels: torch.Tensor | None, sft_alpha: float
     ) -> FusedTargets:
@@ -93,6 +111,10 @@ class FullRows:
         lp, ids = torch.topk(torch.log_softmax(self.logits.float(), dim=-1), k, dim=-1)
         return ids.to(device), lp.to(device)
 
+    def label_logprobs(self, labels: torch.Tensor) -> torch.Tensor:
+        logits = self.logits.float().to(labels.device)
+        return (logits.gather(-1, labels.unsqueeze(-1))[:, 0] - torch.logsumexp(logits, dim=-1)).detach()
+
 
 TeacherRows = TopkRows | FullRows
 
@@ -102,6 +124,8 @@ class Teacher(Protocol):
 
     can_generate: bool
 
-    def request(self, batch: Batch) -> Handle[TeacherRows]: ...
+    def request(self, batch: Batch, on_policy: bool = False) -> Handle[TeacherRows]:
+        """``on_policy``: the batch's completions are the student's samples (rows for the on-policy loss)."""
+        ...
 
     def close(self) -> None: ...
