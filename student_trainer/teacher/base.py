@@ -10,8 +10,6 @@ never turns into filler rows.
 from __future__ import annotations
 
 import asyncio
-import logging
-import random
 from collections.abc import Sequence
 from typing import Protocol, TypeVar
 
@@ -19,11 +17,7 @@ import httpx
 
 from shared.codec import TopkFrame
 from shared.protocol import LogprobDtype
-from student_trainer.teacher.errors import TeacherError, TeacherRequestError, TeacherUnavailableError
-
-logger = logging.getLogger(__name__)
-
-TRANSIENT_STATUS = frozenset({429, 502, 503, 504})
+from student_trainer.teacher.retry import RetryPolicy
 
 TOKENIZER_PROBE = "GKD probe: The 3 quick foxes, 42 + 17 = 59; naïve café 東京 🙂\n\tend."
 """Text whose token ids teacher and student must agree on (where a teacher publishes no fingerprint)."""
@@ -113,10 +107,7 @@ class HttpTeacher:
             headers=headers,
             transport=transport,
         )
-        self.max_retries = max_retries
-        self.connect_retries = max_retries if connect_retries is None else connect_retries
-        self.backoff_base = backoff_base
-        self.backoff_max = backoff_max
+        self.retry = RetryPolicy(self.base_url, max_retries, connect_retries, backoff_base, backoff_max)
 
     async def __aenter__(self: _C) -> _C:
         return self
@@ -136,52 +127,18 @@ class HttpTeacher:
         return resp.status_code == 200
 
     async def _request(self, method: str, path: str, **kwargs: object) -> httpx.Response:
-        """One HTTP call with retries for transient failures only."""
+        """One HTTP call with retries for transient failures only (:class:`~.retry.RetryPolicy`)."""
         attempt = 0
         while True:
             try:
                 resp = await self._http.request(method, path, **kwargs)  # type: ignore[arg-type]
-            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.ReadError) as exc:
-                if attempt >= self.connect_retries:
-                    raise TeacherUnavailableError(
-                        f"teacher at {self.base_url} unreachable after {attempt + 1} attempts: {exc!r}"
-                    ) from exc
-                delay = self._backoff(attempt, None)
-            except httpx.TimeoutException as exc:
-                raise TeacherUnavailableError(f"teacher at {self.base_url} timed out on {path}: {exc!r}") from exc
+            except httpx.TransportError as exc:
+                delay = self.retry.after_transport_error(attempt, path, exc)
             else:
-                if resp.status_code < 400:
+                answered = self.retry.after_response(attempt, resp)
+                if answered is None:
                     return resp
-                if resp.status_code not in TRANSIENT_STATUS or attempt >= self.max_retries:
-                    raise self._error_from(resp)
-                delay = self._backoff(attempt, resp.headers.get("retry-after"))
+                delay = answered
             attempt += 1
-            logger.warning(
-                "teacher %s %s failed (attempt %d/%d), retrying in %.1fs",
-                method,
-                path,
-                attempt,
-                self.max_retries + 1,
-                delay,
-            )
+            self.retry.log_retry(method, path, attempt, delay)
             await asyncio.sleep(delay)
-
-    def _backoff(self, attempt: int, retry_after: str | None) -> float:
-        if retry_after is not None:
-            try:
-                return min(float(retry_after), self.backoff_max)
-            except ValueError:
-                pass  # an HTTP-date Retry-After: fall back to exponential backoff
-        return min(self.backoff_base * 2**attempt, self.backoff_max) * (0.5 + random.random() / 2)
-
-    @staticmethod
-    def _error_from(resp: httpx.Response) -> TeacherError:
-        try:
-            body = resp.json()
-            err = body["error"] if isinstance(body.get("error"), dict) else body  # vLLM's older flat shape
-            message, param = str(err["message"]), err.get("param")
-        except (ValueError, KeyError, TypeError, AttributeError):
-            message, param = resp.text[:500], None
-        if resp.status_code in TRANSIENT_STATUS:
-            return TeacherUnavailableError(f"teacher overloaded (HTTP {resp.status_code}) after retries: {message}")
-        return TeacherRequestError(resp.status_code, message, param)

@@ -9,18 +9,13 @@ capped backoff honouring ``Retry-After``; anything else raises a typed :mod:`.er
 
 from __future__ import annotations
 
-import logging
-import random
 import time
 from typing import Any
 
 import httpx
 
-from student_trainer.teacher.errors import TeacherProtocolError, TeacherRequestError, TeacherUnavailableError
-
-logger = logging.getLogger(__name__)
-
-TRANSIENT_STATUS = frozenset({429, 502, 503, 504})
+from student_trainer.teacher.errors import TeacherProtocolError
+from student_trainer.teacher.retry import RetryPolicy
 
 
 class ServiceGenerator:
@@ -46,7 +41,7 @@ class ServiceGenerator:
             headers={"Authorization": f"Bearer {api_key}"} if api_key else {},
             transport=transport,
         )
-        self.max_retries, self.backoff_base, self.backoff_max = max_retries, backoff_base, backoff_max
+        self.retry = RetryPolicy(self.base_url, max_retries, backoff_base=backoff_base, backoff_max=backoff_max)
         self._model: str | None = None
 
     @property
@@ -104,55 +99,21 @@ class ServiceGenerator:
         return out
 
     def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        """One HTTP call, retrying transient failures only."""
+        """One HTTP call, retrying transient failures only (:class:`~.retry.RetryPolicy`)."""
         attempt = 0
         while True:
             try:
                 resp = self._http.request(method, path, **kwargs)
-            except httpx.TimeoutException as exc:
-                raise TeacherUnavailableError(f"teacher at {self.base_url} timed out on {path}: {exc!r}") from exc
             except httpx.TransportError as exc:
-                if attempt >= self.max_retries:
-                    raise TeacherUnavailableError(
-                        f"teacher at {self.base_url} unreachable after {attempt + 1} attempts: {exc!r}"
-                    ) from exc
-                delay = self._backoff(attempt, None)
+                delay = self.retry.after_transport_error(attempt, path, exc)
             else:
-                if resp.status_code < 400:
+                answered = self.retry.after_response(attempt, resp)
+                if answered is None:
                     return resp
-                if resp.status_code not in TRANSIENT_STATUS or attempt >= self.max_retries:
-                    raise _error_from(resp)
-                delay = self._backoff(attempt, resp.headers.get("retry-after"))
+                delay = answered
             attempt += 1
-            logger.warning(
-                "teacher %s %s failed (attempt %d/%d), retrying in %.1fs",
-                method,
-                path,
-                attempt,
-                self.max_retries + 1,
-                delay,
-            )
+            self.retry.log_retry(method, path, attempt, delay)
             time.sleep(delay)
-
-    def _backoff(self, attempt: int, retry_after: str | None) -> float:
-        if retry_after is not None:
-            try:
-                return min(float(retry_after), self.backoff_max)
-            except ValueError:
-                pass  # an HTTP-date Retry-After: exponential backoff instead
-        return min(self.backoff_base * 2**attempt, self.backoff_max) * (0.5 + random.random() / 2)
 
     def close(self) -> None:
         self._http.close()
-
-
-def _error_from(resp: httpx.Response) -> TeacherRequestError | TeacherUnavailableError:
-    try:
-        body = resp.json()
-        err = body["error"] if isinstance(body.get("error"), dict) else body  # vLLM's older flat shape
-        message, param = str(err["message"]), err.get("param")
-    except (ValueError, KeyError, TypeError, AttributeError):
-        message, param = resp.text[:500], None
-    if resp.status_code in TRANSIENT_STATUS:
-        return TeacherUnavailableError(f"teacher overloaded (HTTP {resp.status_code}) after retries: {message}")
-    return TeacherRequestError(resp.status_code, message, param)
