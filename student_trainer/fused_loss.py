@@ -23,7 +23,6 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from student_trainer.logprobs import chunked_logsumexp
 from student_trainer.loss import LossConfig, generalized_jsd, teacher_distribution
 
 LOGITS_PER_CHUNK = 2**25
@@ -69,8 +68,19 @@ def _chunk(
     """
     tail = spec.tail == "tail"
     z_ids = z.gather(-1, ids)
-    lse = chunked_logsumexp(z) if tail or labels is not None else None
-    lse_rest = chunked_logsumexp(z, exclude=ids) if tail else None
+    z_label = z.gather(-1, labels[:, None])[:, 0] if labels is not None else None
+    lse = lse_rest = total = rest = None
+    if tail or labels is not None:
+        # z becomes exp(z - max) in place: one exponential per logit gives both normalizers exactly (the tail's
+        # sums the entries outside the ids: no 1 - sum cancellation) and, below, the gradient
+        top = z.amax(-1)
+        z.sub_(top[:, None]).exp_()
+        total = z.sum(-1)
+        lse = top + total.log()
+        if tail:
+            z.scatter_(-1, ids, 0.0)
+            rest = z.sum(-1)
+            lse_rest = top + rest.log()
     with torch.enable_grad():
         if tail:
             assert lse is not None and lse_rest is not None
@@ -83,7 +93,8 @@ def _chunk(
         inputs = [cols]
         if labels is not None:
             assert lse is not None
-            label_lp = (z.gather(-1, labels[:, None])[:, 0] - lse).requires_grad_(want_grad)
+            assert z_label is not None
+            label_lp = (z_label - lse).requires_grad_(want_grad)
             ce = -label_lp
             inputs.append(label_lp)
         else:
@@ -102,14 +113,16 @@ def _chunk(
         g_sum = g_sum + g_cols[:, k]
     if g_ce is not None:
         g_sum = g_sum + g_ce
-    base, coef = lse, -g_sum
+    assert total is not None
+    norm, coef = total, -g_sum
     if tail:
-        assert lse_rest is not None
-        # outside the ids the tail column adds g_tail p_v / p_tail: one exp pass from base log(p_tail) + lse
-        has_tail = torch.isfinite(lse_rest)
-        base = torch.where(has_tail, lse_rest, lse)
+        assert lse_rest is not None and rest is not None
+        # outside the ids the tail column adds g_tail p_v / p_tail: exp(z_v - lse_rest) = z_v / rest (z holds
+        # exp(z - max), zero at the ids); a division, not a multiplication by 1 / rest, which may overflow
+        has_tail = rest > 0
+        norm = torch.where(has_tail, rest, total)
         coef = torch.where(has_tail, g_cols[:, k] - g_sum * (lse_rest - lse).exp(), coef)
-    z.sub_(base[:, None]).exp_().mul_(coef[:, None])
+    z.div_(norm[:, None]).mul_(coef[:, None])
     z.scatter_(-1, ids, -g_sum[:, None] * (z_ids - lse[:, None]).exp())  # overwrites entries that may overflow
     z.scatter_add_(-1, ids, g_ids)
     if g_ce is not None:
