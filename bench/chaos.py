@@ -6,7 +6,8 @@ run (``--teacher_url`` lists both, ``--logging_steps 1``, ``--save_steps``). The
 - undisturbed: the baseline;
 - disturbed: at ``--outage-step`` both replicas are SIGKILLed and restarted on their ports ``--pause`` s later
   (the trainer waits on its step); at ``--replica-loss-step`` replica 2 is SIGKILLed for good (replica 1 takes
-  its load); at ``--preempt-step`` the launcher gets SIGTERM and, ``--grace`` seconds later, its whole session
+  its load); at ``--preempt-step`` the pod's command (the launcher under ``deploy/relay_sigterm.py``, as the
+  Kubernetes Job runs it) gets SIGTERM and, ``--grace`` seconds later, its whole session
   SIGKILL (as the kubelet evicts a pod), and the same command is started again with ``--resume_from_checkpoint``
   (``auto`` where the trainer has it, else ``latest``).
 
@@ -14,7 +15,7 @@ Reported: lost steps (steps trained twice because the preemption lost them; goal
 log (must be 0), the wall time against the baseline (with the deliberate outage pause also subtracted), and the
 largest difference of the final weights from the baseline's.
 
-    python bench/chaos.py --steps 60
+    python -m bench.chaos --steps 150
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import logging
 import os
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -68,6 +70,12 @@ def _resume_flag() -> str:
     return "auto" if "auto" in field.metadata["help"] else "latest"
 
 
+def _pod_command(command: list[str]) -> list[str]:
+    """The trainer container's command (the Kubernetes Job's): the launcher under deploy/relay_sigterm.py, which
+    passes the pod's SIGTERM on to the training ranks (DeepSpeed's single-node runner does not)."""
+    return [sys.executable, str(REPO / "deploy" / "relay_sigterm.py"), *command]
+
+
 def _preempt(proc: subprocess.Popen[bytes], how: str, grace: float) -> tuple[int, bool]:
     """As the kubelet evicts a pod: ``how`` (TERM) to the launcher, then after ``grace`` seconds SIGKILL to every
     process of the pod (here: the launcher's session). (launcher exit code, whether all stopped within the grace)."""
@@ -75,10 +83,11 @@ def _preempt(proc: subprocess.Popen[bytes], how: str, grace: float) -> tuple[int
         proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline:
-            try:
-                os.killpg(proc.pid, 0)  # any process of the session left?
-            except ProcessLookupError:
-                return proc.wait(), True
+            if proc.poll() is not None:  # reaped: an unreaped launcher would keep its group "alive" as a zombie
+                try:
+                    os.killpg(proc.pid, 0)  # any other process of the session left?
+                except ProcessLookupError:
+                    return proc.returncode, True
             time.sleep(0.05)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
@@ -94,7 +103,10 @@ class Replicas:
 
     def _start(self, i: int, port: int | None) -> TeacherProcess:
         log = self.logs / f"teacher{i}-{time.monotonic_ns()}.log"
-        return TeacherProcess(self.assets.teacher, extra_args=["--max-top-k", "32"], port=port, log_path=log).start()
+        # one request per engine batch: a batch's padding moves the teacher's float32 rows in their last bits, and
+        # which requests share a batch depends on timing; without merging, weights can be compared exactly
+        args = ["--max-top-k", "32", "--max-batch-requests", "1"]
+        return TeacherProcess(self.assets.teacher, extra_args=args, port=port, log_path=log).start()
 
     @property
     def urls(self) -> str:
@@ -122,8 +134,13 @@ def run(assets: TinyAssets, out: Path, args: argparse.Namespace, chaos: bool) ->
     started = time.perf_counter()
     try:
         with (out.parent / f"{out.name}-trainer.log").open("ab") as log:
-            command = trainer_command(assets, out, *flags)
-            proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
+            proc = subprocess.Popen(
+                _pod_command(trainer_command(assets, out, *flags)),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=REPO,
+                start_new_session=True,
+            )
             if chaos:
                 _wait_step(proc, out, args.outage_step)
                 t0 = time.perf_counter()
@@ -146,7 +163,7 @@ def run(assets: TinyAssets, out: Path, args: argparse.Namespace, chaos: bool) ->
                 resume = _resume_flag()
                 events["resume_flag"] = resume  # type: ignore[assignment]
                 proc = subprocess.Popen(
-                    trainer_command(assets, out, *flags, "--resume_from_checkpoint", resume),
+                    _pod_command(trainer_command(assets, out, *flags, "--resume_from_checkpoint", resume)),
                     stdout=log,
                     stderr=subprocess.STDOUT,
                     cwd=REPO,
@@ -179,7 +196,7 @@ def main() -> None:
     parser.add_argument("--preempt-step", type=int, default=37)
     parser.add_argument("--preempt-signal", choices=["TERM", "KILL"], default="TERM")
     parser.add_argument(
-        "--grace", type=float, default=3.0, help="seconds from SIGTERM to SIGKILL (a pod's grace, scaled to tiny steps)"
+        "--grace", type=float, default=60.0, help="seconds from SIGTERM to SIGKILL (the pod's grace period)"
     )
     parser.add_argument("--out", type=Path, default=None, help="keep the runs here (default: a temporary folder)")
     parser.add_argument("--cache", type=Path, default=REPO / "runs" / "cache", help="tiny model cache (demo.tiny)")

