@@ -6,10 +6,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from pydantic import ValidationError
-
 from teacher_service.config import ServiceConfig
-from teacher_service.flags import add_model_flags, configure_logging, flag_name
+from teacher_service.flags import add_model_flags, configure_logging, parse_model
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,14 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_config(argv: Sequence[str] | None = None) -> ServiceConfig:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return ServiceConfig(**vars(args))
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        parser.error(f"{flag_name(str(first['loc'][0]))}: {first['msg']}")
-        raise  # unreachable: parser.error exits
+    return parse_model(build_parser(), argv, ServiceConfig)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -6,8 +6,11 @@ from __future__ import annotations
 import argparse
 import logging
 import typing
+from collections.abc import Sequence
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
+
+M = typing.TypeVar("M", bound=BaseModel)
 
 
 def flag_name(name: str) -> str:
@@ -32,6 +35,17 @@ def add_model_flags(parser: argparse.ArgumentParser, schema: type[BaseModel]) ->
             kwargs["default"] = field.default
             kwargs["help"] += f" (default: {field.default})"
         parser.add_argument(flag_name(name), **kwargs)
+
+
+def parse_model(parser: argparse.ArgumentParser, argv: Sequence[str] | None, schema: type[M]) -> M:
+    """The flags validated by the schema; a value it refuses is a CLI error naming the flag (exit 2)."""
+    args = parser.parse_args(argv)
+    try:
+        return schema(**vars(args))
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        parser.error(f"{flag_name(str(first['loc'][0]))}: {first['msg']}")
+        raise  # unreachable: parser.error exits
 
 
 def configure_logging(level: str, fmt: str) -> None:

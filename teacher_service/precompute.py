@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError
+from pydantic import Field
 from tqdm import tqdm
 
 from shared.alignment import RowSpan
@@ -33,7 +33,7 @@ from shared.dataset_formats import (
 from shared.teacher_cache import CacheContext, TeacherCache
 from teacher_service.config import ServiceConfig
 from teacher_service.engines.base import ScoreJob, TeacherEngine
-from teacher_service.flags import add_model_flags, configure_logging, flag_name
+from teacher_service.flags import add_model_flags, configure_logging, parse_model
 from teacher_service.revision import served_revision
 
 logger = logging.getLogger(__name__)
@@ -85,14 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_config(argv: Sequence[str] | None) -> PrecomputeConfig:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return PrecomputeConfig(**vars(args))
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        parser.error(f"{flag_name(str(first['loc'][0]))}: {first['msg']}")
-        raise  # unreachable: parser.error exits
+    return parse_model(build_parser(), argv, PrecomputeConfig)
 
 
 def encoded_rows(rows: Any, tokenizer: Any, spec: DataSpec) -> Iterator[tuple[list[int], list[RowSpan]] | None]:
