@@ -1,8 +1,9 @@
 """Packed frames: bytes per row against the information floor, and decode time against the zero-copy frame.
 
 For each vocabulary size and k, the same N rows (random ids, sorted fp16 log-probs, as one sequence's
-rows in one frame) are encoded as today's frame (int32 ids + fp16), with packed ids (ceil(log2 V) bits +
-fp16), and packed with 8-bit log-probs. The floor is ceil(log2 V) bits per id + 16 bits per log-prob.
+rows in one frame) are encoded as today's frame (int32 ids + fp16), with packed ids (ceil(log2 V) bits, at
+least 16, + fp16), and packed with 8-bit log-probs. The floor is ceil(log2 V) bits per id + 16 bits per
+log-prob. The four decodes are timed in turn, so each ratio compares runs under the same load.
 Bytes are the whole frame (header, offsets) divided by N. Decode is ``shared.decode_frame``; "to loss"
 adds what the loss does to the decoded rows either way (ids to int64 for the gather, log-probs to fp32).
 
@@ -16,7 +17,7 @@ import math
 
 import torch
 
-from bench.common import machine, median_time
+from bench.common import machine, median_times
 from shared.codec import TopkFrame, decode_frame, encode_frame
 
 
@@ -52,10 +53,15 @@ def main() -> None:
             q8 = encode_frame(frame, ids_encoding="packed", vocab_size=vocab, logprobs_q8=True)
             a, b = decode_frame(plain), decode_frame(packed)
             assert torch.equal(a.token_ids, b.token_ids) and torch.equal(a.logprobs, b.logprobs)
-            t_plain = median_time(lambda d=plain: decode_frame(d), args.repeat)
-            t_packed = median_time(lambda d=packed: decode_frame(d), args.repeat)
-            l_plain = median_time(lambda d=plain: to_loss(decode_frame(d)), args.repeat)
-            l_packed = median_time(lambda d=packed: to_loss(decode_frame(d)), args.repeat)
+            t_plain, t_packed, l_plain, l_packed = median_times(
+                [
+                    lambda d=plain: decode_frame(d),
+                    lambda d=packed: decode_frame(d),
+                    lambda d=plain: to_loss(decode_frame(d)),
+                    lambda d=packed: to_loss(decode_frame(d)),
+                ],
+                args.repeat,
+            )
             print(
                 f"| {vocab} | {k} | {floor:.1f} | {len(plain) / n:.1f} | {len(packed) / n:.1f} | "
                 f"{len(packed) / n / floor:.3f}x | {len(q8) / n:.1f} | {t_plain * 1e9 / n:.0f} ns | "

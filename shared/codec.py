@@ -12,9 +12,12 @@ A frame is written at the lowest version that holds it (a frame without spans is
 the tensors and metadata a format 1 writer sends), so a client that reads only format 1
 keeps working for requests without spans.
 
-Format 3 adds compact encodings a request opts into (:mod:`shared.packing`): ``token_ids_packed`` uint8
-(the ids bit-packed at ``id_bits`` bits, named in the metadata) instead of ``token_ids``, and/or
-``logprobs_q8`` uint8 [N, k] with ``logprobs_top`` and ``logprobs_step`` float32 [N] instead of ``logprobs``.
+Format 3 adds compact encodings a request opts into (:mod:`shared.packing`): packed ids instead of
+``token_ids`` (``token_ids_low`` uint16 [N, k], the low 16 bits of each id, and ``token_ids_high`` uint8, the
+bits above them packed at ``id_bits - 16`` bits, absent when ``id_bits`` <= 16; ``id_bits`` is named in the
+metadata), and/or ``logprobs_q8`` uint8 [N, k] with ``logprobs_top`` and ``logprobs_step`` float32 [N] instead
+of ``logprobs``. The first format 3 frames carried the whole ids in one bit stream, ``token_ids_packed`` uint8;
+decoding still reads them (teacher caches hold them).
 Either makes the frame format 3; decoding unpacks them into the same :class:`TopkFrame` (int32 ids;
 float32 log-probs from q8), so nothing after the decoder knows how the frame travelled.
 
@@ -45,6 +48,7 @@ _DTYPES: dict[str, torch.dtype] = {
     "BF16": torch.bfloat16,
     "I64": torch.int64,
     "I32": torch.int32,
+    "U16": torch.uint16,
     "U8": torch.uint8,
 }
 LOGPROB_DTYPES: dict[str, torch.dtype] = {
@@ -58,7 +62,8 @@ _EXTRAS = ("target_logprobs", "tail_logmass", "target_ranks")
 _SPAN_TENSORS = ("row_spans", "span_offsets")
 _Q8_TENSORS = ("logprobs_q8", "logprobs_top", "logprobs_step")
 IDS_ENCODINGS = ("int32", "packed")
-"""How token ids travel: int32 (zero-copy), or bit-packed at ceil(log2 V) bits (format 3)."""
+"""How token ids travel: int32 (zero-copy), or packed in ceil(log2 V) bits, at least 16 (format 3)."""
+_PACKED_IDS = ("token_ids_low", "token_ids_high", "token_ids_packed")
 
 
 def _joined_offsets(offsets: list[torch.Tensor]) -> torch.Tensor:
@@ -337,10 +342,11 @@ def encode_frame(
         if vocab_size is None:
             raise ValueError("packed ids need the vocabulary size")
         bits = packing.id_bits(vocab_size)
-        stream = packing.pack_ids(frame.token_ids.numpy(), bits)
-        tensors["token_ids_packed"] = torch.from_numpy(stream)
+        low, high = packing.split_ids(frame.token_ids.numpy(), bits)
+        tensors["token_ids_low"] = torch.from_numpy(low)
+        if high is not None:
+            tensors["token_ids_high"] = torch.from_numpy(high)
         metadata["id_bits"] = str(bits)
-        metadata["top_k"] = str(frame.top_k)  # the column count, when logprobs are absent too
     else:
         tensors["token_ids"] = frame.token_ids.to(torch.int32).contiguous()
     if logprobs_q8:
@@ -368,17 +374,30 @@ def encode_frame(
     return save(tensors, metadata=metadata)
 
 
-def _unpacked_ids(tensors: dict[str, torch.Tensor], metadata: dict[str, str], rows: int) -> torch.Tensor:
-    """int32 [N, k] from ``token_ids_packed`` and the metadata's ``id_bits`` and ``top_k``."""
+def _metadata_int(metadata: dict[str, str], key: str) -> int:
     try:
-        bits, k = int(metadata["id_bits"]), int(metadata["top_k"])
+        return int(metadata[key])
     except (KeyError, ValueError) as exc:
-        raise FrameError(f"packed token ids need integer id_bits and top_k in the metadata: {exc!r}") from exc
+        raise FrameError(f"packed token ids need an integer {key} in the metadata: {exc!r}") from exc
+
+
+def _unpacked_ids(tensors: dict[str, torch.Tensor], metadata: dict[str, str], rows: int) -> torch.Tensor:
+    """int32 [N, k] from the packed columns and the metadata's ``id_bits`` (and ``top_k`` for a whole-id stream)."""
+    bits = _metadata_int(metadata, "id_bits")
+    low, high = tensors.get("token_ids_low"), tensors.get("token_ids_high")
     try:
-        ids = packing.unpack_ids(tensors["token_ids_packed"].numpy(), bits, rows * k)
+        if low is None:
+            k = _metadata_int(metadata, "top_k")
+            return torch.from_numpy(packing.unpack_ids(tensors["token_ids_packed"].numpy(), bits, rows * k)).view(
+                rows, k
+            )
+        if low.dim() != 2 or low.shape[0] != rows:
+            raise ValueError(f"token_ids_low has shape {tuple(low.shape)}, expected ({rows}, k)")
+        return torch.from_numpy(packing.join_ids(low.numpy(), None if high is None else high.numpy(), bits))
+    except FrameError:
+        raise
     except ValueError as exc:
-        raise FrameError(f"token_ids_packed: {exc}") from exc
-    return torch.from_numpy(ids).view(rows, k)
+        raise FrameError(f"packed token ids: {exc}") from exc
 
 
 def _dequantized(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -429,12 +448,12 @@ def decode_frame(data: bytes | bytearray | memoryview, *, validate: bool = True)
                 tensors[name] = torch.empty(shape, dtype=dtype)
             else:
                 tensors[name] = torch.frombuffer(body[start:end], dtype=dtype).view(shape)
-    compact = sorted(tensors.keys() & {"token_ids_packed", *_Q8_TENSORS})
+    compact = sorted(tensors.keys() & {*_PACKED_IDS, *_Q8_TENSORS})
     if compact and version != "3":
         raise FrameError(f"packed ids and 8-bit log-probs are format 3; this format {version} frame has {compact}")
     if "logprobs_q8" in tensors:
         tensors["logprobs"] = _dequantized(tensors)
-    if "token_ids_packed" in tensors and "logprobs" in tensors:
+    if tensors.keys() & {"token_ids_low", "token_ids_packed"} and "logprobs" in tensors:
         tensors["token_ids"] = _unpacked_ids(tensors, metadata, int(tensors["logprobs"].shape[0]))
     missing = {"token_ids", "logprobs", "row_offsets", "first_rows"} - tensors.keys()
     if missing:

@@ -1,6 +1,14 @@
-"""Compact encodings of a frame's columns: token ids bit-packed at ceil(log2 V) bits, log-probs 8-bit.
+"""Compact encodings of a frame's columns: token ids in ceil(log2 V) bits (at least 16), log-probs 8-bit.
 
-Bit packing: ids are written little-endian, id i at bits ``[i*b, (i+1)*b)`` of the stream (b = id bits).
+Packed ids travel as two columns: the low 16 bits of every id as a uint16 array (read in place, widened
+with one ``astype``), and the bits above 16 (``h = ceil(log2 V) - 16``: 2 for V = 152k, 1 for 128k, 0 up to
+65536) bit-packed. Decoding the high bits is one table lookup per byte (a cached table of the high parts of
+the ids it holds, already shifted by 16) and one OR with the low bits, so the decode costs a few passes over
+the ids, not the per-id shifts of a full bit stream. Vocabularies under 2**16 pay 16 - ceil(log2 V) bits per id
+for it (one for a 32k vocabulary).
+
+Bit packing (of the high bits; and of whole ids in the first format 3 frames, still read): ids are written
+little-endian, id i at bits ``[i*b, (i+1)*b)`` of the stream (b = id bits).
 Eight ids fill exactly b bytes, so id j of every group of eight sits at the same byte offset and shift
 within its group: encoding and decoding are eight strided numpy operations over the groups (an unaligned
 32-bit window read per id when decoding, 64-bit above 25 bits), never a Python loop over rows or ids.
@@ -13,6 +21,8 @@ value; the top entry is exact.
 """
 
 from __future__ import annotations
+
+from functools import cache
 
 import numpy as np
 
@@ -80,6 +90,60 @@ def unpack_ids(stream: np.ndarray | memoryview | bytes, bits: int, count: int) -
         np.right_shift(view, dtype(shift), out=columns[j])
     np.bitwise_and(columns, dtype((1 << bits) - 1), out=columns)
     return columns.T.astype(np.int32, order="C").reshape(-1)[:count]
+
+
+LOW_BITS = 16
+"""Bits of every id carried as a plain uint16 column."""
+
+
+def split_ids(ids: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """(low 16 bits as uint16, same shape; the bits above packed at ``bits - 16`` bits, None when bits <= 16)."""
+    if not 1 <= bits <= MAX_ID_BITS:
+        raise ValueError(f"id bits must be in [1, {MAX_ID_BITS}], got {bits}")
+    flat = np.ascontiguousarray(ids)
+    if flat.size and (int(flat.min()) < 0 or int(flat.max()) >> bits):
+        raise ValueError(f"token ids outside [0, 2**{bits}) cannot be packed at {bits} bits")
+    low = (flat & 0xFFFF).astype(np.uint16)
+    if bits <= LOW_BITS:
+        return low, None
+    return low, pack_ids(flat.reshape(-1) >> LOW_BITS, bits - LOW_BITS)
+
+
+@cache
+def _high_table(high_bits: int) -> np.ndarray:
+    """int32 [256, 8 // high_bits]: the high parts (shifted by 16) of the ids whose bits a byte holds."""
+    index = np.arange(256, dtype=np.int64)[:, None]
+    shifts = np.arange(8 // high_bits, dtype=np.int64) * high_bits
+    table = ((index >> shifts) & ((1 << high_bits) - 1)) << LOW_BITS
+    table = table.astype(np.int32)
+    table.flags.writeable = False
+    return table
+
+
+def join_ids(low: np.ndarray, high: np.ndarray | memoryview | bytes | None, bits: int) -> np.ndarray:
+    """int32 ids (``low``'s shape) from :func:`split_ids`' columns."""
+    if not 1 <= bits <= MAX_ID_BITS:
+        raise ValueError(f"id bits must be in [1, {MAX_ID_BITS}], got {bits}")
+    if low.dtype != np.uint16:
+        raise ValueError(f"the low 16 bits of ids are uint16, got {low.dtype}")
+    h = bits - LOW_BITS
+    if h <= 0:
+        if high is not None:
+            raise ValueError(f"ids of {bits} bits have no high bits, yet the frame carries them")
+        return low.astype(np.int32)
+    if high is None:
+        raise ValueError(f"ids of {bits} bits need their high {h} bits")
+    count = low.size
+    stream = np.frombuffer(high, dtype=np.uint8)
+    if stream.size != packed_size(count, h):
+        raise ValueError(f"{stream.size} bytes hold no high bits of {count} ids at {h} bits")
+    if 8 % h:  # 3, 5, 6, 7 or over 8 bits: the general bit stream
+        out = unpack_ids(stream, h, count)
+        np.left_shift(out, LOW_BITS, out=out)
+    else:  # 1, 2, 4 or 8 bits: each byte indexes a table (at most 8 KiB) of the 8 // h high parts it holds
+        out = np.take(_high_table(h), stream, axis=0, mode="clip").reshape(-1)[:count]
+    np.bitwise_or(out, low.reshape(-1), out=out)
+    return out.reshape(low.shape)
 
 
 def quantize_logprobs(logprobs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -71,7 +71,7 @@ class TopkRequest(BaseModel):
     ids_encoding: IdsEncoding = Field(
         default="int32",
         description=(
-            "int32 token ids, or packed: bit-packed at ceil(log2 vocab_size) bits (a format 3 frame); offered "
+            "int32 token ids, or packed: in ceil(log2 vocab_size) bits, at least 16 (a format 3 frame); offered "
             "where the handshake lists it in ids_encodings."
         ),
     )

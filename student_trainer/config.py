@@ -166,7 +166,7 @@ class TrainerConfig:
     )
     top_k: int = _help("teacher log-probs per position (vLLM's default max is 20)", default=20)
     teacher_ids_encoding: Literal["auto", "int32", "packed"] = _help(
-        "token ids in the teacher's frames: auto = bit-packed at ceil(log2 V) bits where the teacher offers it "
+        "token ids in the teacher's frames: auto = packed in ceil(log2 V) bits where the teacher offers it "
         "(0.71x the bytes at k=20, V=152k; lossless), int32 = zero-copy, packed = refuse a teacher without",
         default="auto",
     )

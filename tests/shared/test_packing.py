@@ -1,20 +1,23 @@
-"""Packed frames (format 3): bit-packed ids round-trip exactly at every width, 8-bit log-probs stay within
-their documented bound, and a packed frame decodes to the same rows as the int32 frame."""
+"""Packed frames (format 3): packed ids round-trip exactly at every width, 8-bit log-probs stay within their
+documented bound, and a packed frame (and the first format 3 layout) decodes to the same rows as the int32 frame."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save
 
 from shared.codec import FrameError, TopkFrame, decode_frame, encode_frame
 from shared.packing import (
     dequantize_logprobs,
     id_bits,
+    join_ids,
     pack_ids,
     packed_size,
     q8_error_bound,
     quantize_logprobs,
+    split_ids,
     unpack_ids,
 )
 
@@ -29,6 +32,36 @@ def test_ids_round_trip_at_every_width(vocab: int, count: int) -> None:
     stream = pack_ids(ids, bits)
     assert stream.size == packed_size(count, bits) == (count * bits + 7) // 8
     assert np.array_equal(unpack_ids(stream, bits, count), ids)
+
+
+@pytest.mark.parametrize(
+    "vocab", [2, 257, 32_000, 65_536, 65_537, 128_256, 151_936, 2**19, 2**20, 2**21, 2**24 + 1, 2**31 - 1]
+)
+@pytest.mark.parametrize("count", [0, 1, 3, 8, 9, 1001])
+def test_split_ids_round_trip_at_every_width(vocab: int, count: int) -> None:
+    """Every high-bit width: none, the table paths (1, 2, 4, 8 bits) and the general stream, at counts that end
+    mid-byte and mid-index."""
+    ids = np.random.default_rng(vocab + count).integers(0, vocab, size=(count, 1)).astype(np.int32)
+    ids[: min(count, 2), 0] = [vocab - 1, 0][: min(count, 2)]
+    bits = id_bits(vocab)
+    low, high = split_ids(ids, bits)
+    assert low.dtype == np.uint16 and low.shape == ids.shape
+    assert (high is None) == (bits <= 16)
+    assert high is None or high.size == packed_size(count, bits - 16)
+    back = join_ids(low, None if high is None else high.tobytes(), bits)
+    assert back.dtype == np.int32 and np.array_equal(back, ids)
+
+
+def test_split_ids_refuse_what_does_not_fit() -> None:
+    low, high = split_ids(np.array([5, 70_000]), 17)
+    with pytest.raises(ValueError, match="need their high 1 bits"):
+        join_ids(low, None, 17)
+    with pytest.raises(ValueError, match="hold no high bits"):
+        join_ids(low, np.zeros(2, np.uint8), 17)
+    with pytest.raises(ValueError, match="have no high bits"):
+        join_ids(low, high, 16)
+    with pytest.raises(ValueError, match="outside"):
+        split_ids(np.array([70_000]), 16)
 
 
 def test_ids_outside_the_width_are_refused() -> None:
@@ -84,7 +117,26 @@ def test_packed_frame_decodes_to_the_int32_frames_rows() -> None:
     assert torch.equal(a.logprobs, b.logprobs) and b.logprobs.dtype == torch.float16  # lossless
     assert torch.equal(a.tail_logmass, b.tail_logmass) and b.spans() == frame.spans()
     saved = frame.token_ids.numel() * (32 - 18) / 8
-    assert len(plain) - len(packed) >= saved - 64  # and the header's id_bits and top_k
+    assert len(plain) - len(packed) >= saved - 128  # less a header entry, id_bits and alignment
+
+
+def test_the_first_format_3_layout_still_decodes() -> None:
+    """Frames (and teacher cache records) written with the whole ids in one bit stream, ``token_ids_packed``."""
+    frame = _frame()
+    old = {
+        "token_ids_packed": torch.from_numpy(pack_ids(frame.token_ids.numpy(), 18)),
+        "logprobs": frame.logprobs,
+        "row_offsets": frame.row_offsets,
+        "first_rows": frame.first_rows,
+        "tail_logmass": frame.tail_logmass,
+        "row_spans": frame.row_spans,
+        "span_offsets": frame.span_offsets,
+    }
+    metadata = {"model": "m", "id_bits": "18", "top_k": "20", "format_version": "3"}
+    decoded = decode_frame(save(old, metadata=metadata))
+    assert torch.equal(decoded.token_ids, frame.token_ids) and decoded.spans() == frame.spans()
+    with pytest.raises(FrameError, match="top_k"):
+        decode_frame(save(old, metadata={**metadata, "top_k": "x"}))
 
 
 def test_q8_frame_keeps_ids_and_bounds_logprobs() -> None:
@@ -109,5 +161,8 @@ def test_compact_tensors_outside_format_3_are_refused() -> None:
     no_bits = packed.replace(b'"id_bits":"18"', b'"id_bits":"xx"')
     with pytest.raises(FrameError, match="id_bits"):
         decode_frame(no_bits)
+    fewer_bits = packed.replace(b'"id_bits":"18"', b'"id_bits":"17"')
+    with pytest.raises(FrameError, match="hold no high bits"):
+        decode_frame(fewer_bits)
     with pytest.raises(ValueError, match="vocabulary size"):
         encode_frame(frame, ids_encoding="packed")
