@@ -1,5 +1,5 @@
-"""Two-rank ZeRO-3 runs: the fused loss trains exactly as the logits loss; a LoRA student trains, checkpoints,
-resumes and exports (merged and adapter)."""
+"""Two-rank DeepSpeed runs: the fused loss trains exactly as the logits loss (ZeRO-3); a LoRA student trains,
+checkpoints, resumes and exports (merged and adapter) under ZeRO 0, 2 and 3."""
 
 from __future__ import annotations
 
@@ -53,20 +53,29 @@ def test_fused_and_logits_loss_train_alike_under_zero3(
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=2e-6, msg=name)
 
 
-def test_lora_student_under_zero3_trains_resumes_and_exports(
-    tiny_assets: TinyAssets, teacher_server: TeacherProcess, tmp_path: Path
+@pytest.mark.parametrize("stage", [0, 2, 3])
+def test_lora_student_trains_resumes_and_exports_under_zero(
+    stage: int, tiny_assets: TinyAssets, teacher_server: TeacherProcess, tmp_path: Path
 ) -> None:
     """Adapters on every linear layer but the output layer (the default); 4 steps with a checkpoint at 2 and the
     merged export; then a resume from step 2 exporting the adapter: the same losses, and the adapter merges into
-    the same weights."""
-    config = ds_config(tmp_path, base="ds_zero3.json", drop=("scheduler",), optimizer={
+    the same weights. Checkpoints hold the adapters only, under every stage (each has its own file layout: the
+    optimizer state in the model file under ZeRO-0, one optimizer shard per rank under ZeRO-2, and the
+    parameters partitioned too under ZeRO-3)."""
+    config = ds_config(tmp_path, base=f"ds_zero{stage}.json", drop=("scheduler",), optimizer={
         "type": "AdamW", "params": {"lr": 2e-2, "torch_adam": True}})  # fmt: skip
     common = ["--teacher_url", teacher_server.url, "--top_k", "16", "--deepspeed", str(config), "--max_steps", "4"]
     common += ["--logging_steps", "1", "--lora_r", "8", "--lora_alpha", "16", "--lora_dropout", "0"]
     first = tmp_path / "first"
     proc = launch(tiny_assets, first, *common, "--save_steps", "2")
     assert proc.returncode == 0, failure_output(proc)
+    assert f"ZeRO stage {stage}," in proc.stdout + proc.stderr
     losses = _losses(first)
+    model_states = sorted((first / "checkpoints" / "step-2").glob("*model_states.pt"))
+    assert model_states
+    for path in model_states:  # the frozen base is left out: it is reloaded from --model_name_or_path
+        saved = torch.load(path, map_location="cpu", weights_only=False)["module"]
+        assert saved and all(".lora_A." in n or ".lora_B." in n for n in saved), (path.name, list(saved))
     assert losses[4] < losses[1], losses
     merged = load_file(first / "final" / "model.safetensors")
     before = load_file(Path(tiny_assets.student) / "model.safetensors")
