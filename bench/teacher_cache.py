@@ -21,11 +21,17 @@ from transformers import AutoTokenizer
 
 from bench.common import machine
 from demo.tiny import build_assets
-from shared.teacher_cache import CacheContext, TeacherCache
+from shared.protocol import TeacherInfo
+from shared.teacher_cache import TeacherCache
 from student_trainer.data import Batch, collate, load_jsonl
 from student_trainer.teacher import ServiceTeacher, TeacherClient, TeacherPrefetcher, TeacherRouter
-from student_trainer.teacher.cache import CachedTeacher
+from student_trainer.teacher.cache import CachedTeacher, context_of
 from teacher_service.process import TeacherProcess
+
+
+async def handshake(url: str) -> TeacherInfo:
+    async with TeacherClient(url) as client:
+        return await client.info()
 
 
 def rows_per_s(teacher: object, batches: list[Batch]) -> float:
@@ -67,10 +73,8 @@ def main() -> None:
         live = service()
         live.request(batches[0]).result()  # warm-up
         live_rps = rows_per_s(live, batches)
-        info = live.prefetcher.run(live.prefetcher.client.info())  # type: ignore[attr-defined]
-        context = CacheContext(info.model, info.model_revision or "", info.tokenizer_fingerprint, info.vocab_size,
-                               args.k, tail=True)  # fmt: skip
-        cached = CachedTeacher(service(), TeacherCache(tmp, context))
+        info = live.prefetcher.run(handshake(server.url))
+        cached = CachedTeacher(service(), TeacherCache(tmp, context_of(info, args.k, tail=True)))
         miss_rps = rows_per_s(cached, batches)
         hit_rps = rows_per_s(cached, batches)
         assert cached.hits + cached.misses == 2 * len(examples) and cached.hits >= len(examples)  # repeats: hits

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from shared.codec import FrameError, TopkFrame
 from shared.fingerprint import tokenizer_fingerprint
+from shared.protocol import TeacherInfo
 from shared.teacher_cache import CacheContext, CacheError, Location, TeacherCache, cached_contexts
 from student_trainer.data import Batch
 from student_trainer.teacher.errors import TeacherError, TeacherProtocolError
@@ -140,21 +141,25 @@ class CachedTeacher:
 def live_context(config: TrainerConfig) -> CacheContext:
     """The cache context of the live teacher, from its handshake (name, revision, tokenizer, vocabulary)."""
 
-    async def handshake() -> Any:
+    async def handshake() -> TeacherInfo:
         api_key = os.environ.get(config.teacher_api_key_env) or None
         async with TeacherClient(config.first_teacher_url, api_key=api_key, timeout=config.teacher_timeout) as client:
             return await client.info()
 
-    info = asyncio.run(handshake())
+    return context_of(asyncio.run(handshake()), config.top_k, tail=config.tail == "tail")
+
+
+def context_of(info: TeacherInfo, top_k: int, *, tail: bool) -> CacheContext:
+    """The cache context of a teacher's handshake (``/v1/info``) for this top-k and tail mode."""
     return CacheContext(
         model=info.model,
         model_revision=info.model_revision or "",
         tokenizer_fingerprint=info.tokenizer_fingerprint,
         vocab_size=info.vocab_size,
-        top_k=config.top_k,
+        top_k=top_k,
         temperature=REQUEST_TEMPERATURE,
         logprob_mode=info.logprob_mode,
-        tail=config.tail == "tail",
+        tail=tail,
     )
 
 
