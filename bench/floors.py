@@ -13,7 +13,7 @@ Parts (``--part``):
   per row on its own.
 - ``vllm``: the vLLM engine (run with ``.venv-vllm/bin/python``): vLLM's offline ``LLM`` scoring the same
   prompts (``prompt_logprobs``) against ``VLLMEngine.score`` in-process, split into the engine's time and the
-  conversion to the frame; then HTTP.
+  conversion to the frame (this engine behind HTTP is timed by ``e2e``).
 - ``e2e``: end to end against the seed (``.venv-vllm/bin/python``): the seed's pattern on stock vLLM
   (``python -m vllm.entrypoints.openai.api_server``) against the trainer's client on this service with the
   vLLM engine and with the transformers engine.
@@ -354,7 +354,7 @@ VLLM_SETTINGS = {"dtype": "float32", "enforce_eager": True, "kv_cache_memory_byt
 
 
 def part_vllm(args: argparse.Namespace, teacher: Path) -> None:
-    """vLLM's offline LLM against the engine in-process (engine time and conversion apart), then HTTP."""
+    """vLLM's offline LLM against the engine in-process (engine time and conversion apart); HTTP is in e2e."""
     from vllm import LLM, SamplingParams, TokensPrompt
 
     from teacher_service.engines.vllm import VLLMEngine, frame_from_prompt_logprobs

@@ -103,7 +103,7 @@ def step_breakdown(assets: object, steps: int, new_tokens: int, is_async: bool, 
             raise RuntimeError(proc.stdout[-3000:] + proc.stderr[-3000:])
         records = [json.loads(line) for line in (Path(tmp) / "train_log.jsonl").read_text().splitlines()]
     timed = records[1:]  # the first two steps build caches and push the first weights
-    n = 2 * len(timed)
+    n = timed[-1]["step"] - records[0]["step"]  # the last record covers one step when --steps is odd
     elapsed = timed[-1]["elapsed_s"] - records[0]["elapsed_s"]
     generate = sum(r["rollout_generate_s"] for r in timed) / n
     wait = sum(r["rollout_wait_s"] for r in timed) / n
