@@ -385,17 +385,15 @@ def _unpacked_ids(tensors: dict[str, torch.Tensor], metadata: dict[str, str], ro
     """int32 [N, k] from the packed columns and the metadata's ``id_bits`` (and ``top_k`` for a whole-id stream)."""
     bits = _metadata_int(metadata, "id_bits")
     low, high = tensors.get("token_ids_low"), tensors.get("token_ids_high")
+    if low is None:
+        k = _metadata_int(metadata, "top_k")
+    elif low.dim() != 2 or low.shape[0] != rows:
+        raise FrameError(f"token_ids_low has shape {tuple(low.shape)}, expected ({rows}, k)")
     try:
         if low is None:
-            k = _metadata_int(metadata, "top_k")
-            return torch.from_numpy(packing.unpack_ids(tensors["token_ids_packed"].numpy(), bits, rows * k)).view(
-                rows, k
-            )
-        if low.dim() != 2 or low.shape[0] != rows:
-            raise ValueError(f"token_ids_low has shape {tuple(low.shape)}, expected ({rows}, k)")
+            ids = packing.unpack_ids(tensors["token_ids_packed"].numpy(), bits, rows * k)
+            return torch.from_numpy(ids).view(rows, k)
         return torch.from_numpy(packing.join_ids(low.numpy(), None if high is None else high.numpy(), bits))
-    except FrameError:
-        raise
     except ValueError as exc:
         raise FrameError(f"packed token ids: {exc}") from exc
 

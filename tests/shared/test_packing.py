@@ -164,5 +164,10 @@ def test_compact_tensors_outside_format_3_are_refused() -> None:
     fewer_bits = packed.replace(b'"id_bits":"18"', b'"id_bits":"17"')
     with pytest.raises(FrameError, match="hold no high bits"):
         decode_frame(fewer_bits)
+    low, high = split_ids(frame.token_ids.numpy()[:-1], 18)  # a row short of the log-probs
+    short = {"token_ids_low": torch.from_numpy(low), "token_ids_high": torch.from_numpy(high)}
+    rest = {"logprobs": frame.logprobs, "row_offsets": frame.row_offsets, "first_rows": frame.first_rows}
+    with pytest.raises(FrameError, match="token_ids_low has shape"):
+        decode_frame(save({**short, **rest}, metadata={"id_bits": "18", "format_version": "3"}))
     with pytest.raises(ValueError, match="vocabulary size"):
         encode_frame(frame, ids_encoding="packed")
